@@ -1,0 +1,109 @@
+"""The command line: parse options, call ppl_cli.evaluate, print. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import click
+from click.core import ParameterSource
+
+from .config import DOC_SPLITS, DTYPES, ENCODING_ERRORS, build_config
+from .errors import PplError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ppl-eval")
+def cli():
+    """Exact, resumable corpus perplexity for Hugging Face causal language models."""
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; CLI options override it.")
+@click.option("--model", help="Hub id, model directory, .gguf file or `smollm2-135m` (default).")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="auto: bfloat16 on CUDA, float32 elsewhere.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
+@click.option("--data", help="wikitext, a hub dataset id, a file, a directory, - for stdin; default: python-docstrings.")
+@click.option("--data-config", help="Hub dataset configuration name.")
+@click.option("--split", help="Hub dataset split (wikitext: test).")
+@click.option("--text-field", help="Field holding the text in JSON/CSV/Parquet/hub records (default: text).")
+@click.option("--id-field", help="Field holding a document id.")
+@click.option("--doc-split", type=click.Choice(DOC_SPLITS), help="Text files: one document per file, line or paragraph.")
+@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), help="On invalid UTF-8: fail (strict) or replace.")
+@click.option("--limit", type=int, help="Score only the first N documents.")
+@click.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
+@click.option("--stride", type=int, help="Tokens between window starts (default: window/2).")
+@click.option("--add-bos/--no-add-bos", default=None, help="Prefix each document with BOS (default: if the tokenizer has one).")
+@click.option("--max-batch-tokens", type=int, help="Padded tokens per forward pass (default: 8192 CPU, 65536 GPU).")
+@click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
+@click.option("--seed", type=int, help="Seed of the bootstrap interval (default: 0).")
+@click.option("--bootstrap-samples", type=int, help="Bootstrap resamples; 0 turns the interval off (default: 1000).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Directory for summary.json, documents.jsonl/.csv.")
+@click.option("--overwrite", is_flag=True, help="Replace the results already in --output instead of resuming.")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout and nothing else.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or loading messages on stderr.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@click.pass_context
+def run(ctx, config_file, as_json, quiet, debug, **options):
+    """Score documents with a causal LM and report perplexity.
+
+    \b
+    Examples:
+      ppl-eval run                                   # offline demo
+      ppl-eval run --model gpt2 --data wikitext -o results/gpt2-wt2
+      cat notes/*.txt | ppl-eval run --data - --json
+    """
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    try:
+        config = build_config(config_file, **given)
+        if quiet:
+            silence_libraries()
+        from .pipeline import evaluate
+
+        result = evaluate(config, progress=not quiet)
+    except PplError as e:
+        fail(str(e), e.exit_code, debug)
+    except KeyboardInterrupt:
+        fail("interrupted", 130, debug)
+    except Exception as e:  # a bug or an unexpected library error: still one line, unless --debug
+        fail(f"unexpected {type(e).__name__}: {first_line(e)} (rerun with --debug for the traceback)", 1, debug)
+
+    if as_json:
+        click.echo(json.dumps(result.summary, indent=2, ensure_ascii=False))
+    else:
+        from .reports import format_summary
+
+        click.echo(format_summary(result.summary))
+
+
+def fail(message: str, code: int, debug: bool):
+    if debug:
+        traceback.print_exc()
+    click.echo(f"ppl-eval: error: {message}", err=True)
+    sys.exit(code)
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def silence_libraries():
+    """--quiet: no loading bars or warnings from transformers and datasets."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"  # bars that transformers' GGUF loader draws with plain tqdm
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass

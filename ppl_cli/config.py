@@ -1,0 +1,124 @@
+"""The run configuration: one frozen dataclass, filled from defaults, then a YAML file, then CLI options."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PplError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DOC_SPLITS = ("file", "line", "blank-line")
+ENCODING_ERRORS = ("strict", "replace")
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATA = "python-docstrings"
+
+
+@dataclass(frozen=True)
+class Config:
+    # Model
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # Data
+    data: str = DEFAULT_DATA
+    data_config: str | None = None
+    split: str | None = None
+    text_field: str = "text"
+    id_field: str | None = None
+    doc_split: str = "file"
+    encoding_errors: str = "strict"
+    limit: int | None = None
+    # Windows
+    window: int | None = None  # None: the model's context length, capped at 2048
+    stride: int | None = None  # None: window // 2
+    add_bos: bool | None = None  # None: yes when the tokenizer has a BOS (or end-of-text) token
+    # Engine
+    max_batch_tokens: int | None = None  # None: chosen for the device
+    threads: int | None = None  # None: torch's default (all cores)
+    # Statistics
+    seed: int = 0
+    bootstrap_samples: int = 1000
+    # Output
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_types(self)
+        if self.dtype not in DTYPES:
+            raise PplError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.doc_split not in DOC_SPLITS:
+            raise PplError(f"doc_split must be one of {', '.join(DOC_SPLITS)}, not {self.doc_split!r}")
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise PplError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}")
+        for name, low in (("limit", 1), ("window", 2), ("stride", 1), ("max_batch_tokens", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise PplError(f"{name.replace('_', '-')} must be at least {low}, got {value}")
+        if self.bootstrap_samples < 0:
+            raise PplError("bootstrap-samples must be 0 (off) or more")
+        if not self.model.strip():
+            raise PplError("model must not be empty")
+        if not self.data.strip():
+            raise PplError("data must not be empty")
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def check_types(config: Config) -> None:
+    """Reject a value of the wrong type, as a YAML file can give (`window: "big"`)."""
+    hints = typing.get_type_hints(Config)
+    for name in field_names():
+        value, hint = getattr(config, name), hints[name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        ok = any(
+            (value is None and kind is type(None))
+            # bool is an int in Python; a YAML `window: true` must still fail.
+            or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+            for kind in allowed
+        )
+        if not ok:
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+            raise PplError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a config file into a dict of known keys; unknown keys are an error, not ignored."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PplError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise PplError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PplError(f"config file {path} must be a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise PplError(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(field_names())})")
+    return data
+
+
+def build_config(config_file: str | None = None, **overrides) -> Config:
+    """Defaults, then the YAML file, then explicit overrides (the CLI's options that were given)."""
+    values = load_yaml(config_file) if config_file else {}
+    values.update(overrides)
+    return Config(**values)

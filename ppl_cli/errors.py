@@ -1,0 +1,16 @@
+"""One exception type for every failure a user can fix; the CLI prints its message as one line."""
+
+# Exit codes, documented in the README.
+EXIT_USAGE = 2  # bad option, config file or combination of options
+EXIT_DATA = 3  # data source missing, unreadable or empty
+EXIT_MODEL = 4  # model missing, not a causal LM, cannot load
+EXIT_OUTPUT = 5  # output directory not writable or holding another run
+EXIT_NUMERIC = 6  # a non-finite log-probability
+
+
+class PplError(Exception):
+    """An error with a one-line message meant for the user, and the exit code to use."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,197 @@
+"""evaluate(config): documents -> token windows -> scorer -> per-document results -> metrics -> reports."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+
+from .config import Config
+from .documents import Document, load_documents
+from .errors import PplError
+from .metrics import corpus_metrics, count_bytes, count_words, unit_metrics
+from .reports import RunDirectory
+from .windows import sliding_windows
+
+MAX_DEFAULT_WINDOW = 2048
+TOKENIZE_BATCH = 256  # documents per tokenizer call
+GROUP_BATCHES = 8  # a group of documents fills about this many batches before its results are written
+
+
+@dataclass(frozen=True)
+class Windowing:
+    window: int
+    stride: int
+    add_bos: bool
+    bos_id: int | None
+
+
+@dataclass
+class Result:
+    summary: dict  # what summary.json holds
+    documents: list[dict]  # what documents.jsonl holds, in input order
+
+
+def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
+    """Score every document of config.data with config.model; write reports if config.output is set."""
+    import torch
+
+    started = time.perf_counter()
+    run_dir = RunDirectory(config.output, config.overwrite) if config.output else None
+    docs, data_info = load_documents(config, stdin)
+
+    from .model import load_model
+    from .scorer import Scorer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    lm = load_model(config)
+    windowing = resolve_windowing(config, lm.context_length, lm.bos_id)
+    token_ids = tokenize(lm.tokenizer, docs, windowing)
+    done = {}
+    if run_dir:
+        identity = {
+            "model": config.model,
+            "revision": config.revision,
+            "dtype": lm.info["dtype"],
+            "data": data_info["fingerprint"],
+            "window": windowing.window,
+            "stride": windowing.stride,
+            "add_bos": windowing.add_bos,
+        }
+        done = run_dir.begin(identity)
+
+    scorer = Scorer(lm.model, lm.device, config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window))
+    # Skipped: empty or whitespace-only documents, and (without BOS) one-token ones: nothing to score.
+    kept = [i for i, doc in enumerate(docs) if doc.text.strip() and len(token_ids[i]) >= 2]
+    total_tokens = sum(len(token_ids[i]) - 1 for i in kept)
+    bar = progress_bar(total_tokens, progress)
+    bar.update(sum(len(token_ids[i]) - 1 for i in kept if i in done))
+    scored_now, scoring_started = 0, time.perf_counter()
+    results = dict(done)
+    for group in document_groups(kept, token_ids, scorer.max_batch_tokens * GROUP_BATCHES):
+        if all(i in done for i in group):
+            continue  # finished by an earlier run; skipping whole groups keeps the batch plan identical
+        nll = score_documents(scorer, [token_ids[i] for i in group], windowing, bar.update)
+        scored_now += sum(len(token_ids[i]) - 1 for i in group)
+        fresh = [document_result(i, docs[i], len(token_ids[i]) - 1, nll_sum) for i, nll_sum in zip(group, nll)]
+        fresh = [row for row in fresh if row["index"] not in done]
+        results.update((row["index"], row) for row in fresh)
+        if run_dir:
+            run_dir.append(fresh)
+    bar.close()
+    scoring_time = time.perf_counter() - scoring_started
+
+    documents = [results[i] for i in kept]
+    wall = time.perf_counter() - started
+    summary = build_summary(config, documents, len(docs) - len(kept), lm.info, data_info, windowing, wall, scored_now, scoring_time)
+    if run_dir:
+        run_dir.finish(summary, documents)
+    return Result(summary, documents)
+
+
+def resolve_windowing(config: Config, context_length: int | None, bos_id: int | None) -> Windowing:
+    window = config.window or min(context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+    if context_length and window > context_length:
+        raise PplError(f"--window {window} is larger than the model's context length ({context_length})")
+    stride = config.stride or max(1, window // 2)
+    add_bos = config.add_bos if config.add_bos is not None else bos_id is not None
+    if add_bos and bos_id is None:
+        raise PplError("--add-bos: this tokenizer defines no BOS or end-of-text token")
+    return Windowing(window, stride, add_bos, bos_id if add_bos else None)
+
+
+def default_batch_tokens(device, window: int) -> int:
+    """Tokens per batch: modest on CPU (compute-bound already), large on GPU (backs off on OOM)."""
+    return max(window, 65536 if device.type == "cuda" else 8192)
+
+
+def tokenize(tokenizer, docs: list[Document], windowing: Windowing) -> list[list[int]]:
+    """Each document on its own, without the tokenizer's special tokens, BOS prepended if asked."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # silence "sequence longer than the model's maximum"
+    try:
+        ids = []
+        for start in range(0, len(docs), TOKENIZE_BATCH):
+            texts = [doc.text for doc in docs[start : start + TOKENIZE_BATCH]]
+            ids += tokenizer(texts, add_special_tokens=False)["input_ids"]
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    prefix = [windowing.bos_id] if windowing.add_bos else []
+    return [prefix + list(doc_ids) for doc_ids in ids]
+
+
+def document_groups(indices: list[int], token_ids: list[list[int]], budget: int) -> Iterator[list[int]]:
+    """Consecutive documents of about `budget` tokens: their windows are batched together."""
+    group, size = [], 0
+    for i in indices:
+        group.append(i)
+        size += len(token_ids[i])
+        if size >= budget:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def score_documents(scorer, sequences: list[list[int]], windowing: Windowing, on_tokens) -> list[float]:
+    """NLL sum of each token sequence under the sliding-window rule."""
+    import torch
+
+    from .scorer import Job
+
+    jobs, owner = [], []
+    for d, ids in enumerate(sequences):
+        tokens = torch.tensor(ids, dtype=torch.long)
+        for w in sliding_windows(len(ids), windowing.window, windowing.stride):
+            jobs.append(Job(tokens[w.begin : w.end], w.score_from - w.begin))
+            owner.append(d)
+    sums = [0.0] * len(sequences)
+    for d, nll in zip(owner, scorer.score(jobs, on_tokens)):
+        sums[d] += nll
+    return sums
+
+
+def document_result(index: int, doc: Document, tokens: int, nll_sum: float) -> dict:
+    return {"index": index, "id": doc.id, **unit_metrics(nll_sum, tokens, count_words(doc.text), count_bytes(doc.text))}
+
+
+def build_summary(config, documents, skipped, model_info, data_info, windowing, wall, scored_now, scoring_time) -> dict:
+    metrics = corpus_metrics(documents, config.bootstrap_samples, config.seed)
+    return {
+        **metrics,
+        "documents": len(documents),
+        "skipped_documents": skipped,
+        "windowing": {"window": windowing.window, "stride": windowing.stride, "add_bos": windowing.add_bos},
+        "model": model_info,
+        "data": data_info,
+        "config": config.to_dict(),
+        "versions": versions(),
+        "wall_time_s": wall,  # everything: loading data and model, tokenizing, scoring, writing
+        "scoring_time_s": scoring_time,
+        # Scored tokens per second of scoring time, counting only what this process scored (not a resume's earlier part).
+        "tokens_per_second": scored_now / scoring_time if scored_now else None,
+    }
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("ppl-eval", "torch", "transformers", "tokenizers", "datasets"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, unit="tok", unit_scale=True, desc="scoring", disable=not enabled, file=sys.stderr, smoothing=0.1
+    )

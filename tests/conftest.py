@@ -1,0 +1,143 @@
+"""Shared fixtures: seeded tiny models saved to disk, user paths isolated, the network off."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before transformers/datasets are imported anywhere: they read these at import time.
+_HF_HOME = tempfile.mkdtemp(prefix="ppl-eval-test-hf-")
+os.environ.update(
+    HF_HOME=_HF_HOME,
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WIKITEXT_VALID = SHARED / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
+
+# A few hundred words of varied English for training the tiny tokenizers and for test documents.
+PROSE = [
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the hill.",
+    "Perplexity is the exponential of the average negative log-likelihood of a sequence.",
+    "In 1912 the ship left Southampton for New York, carrying more than two thousand people.",
+    "Rivers carve valleys slowly; glaciers carve them faster and leave lakes behind.",
+    "She said: \"Numbers are only trusted when they are exactly defined and reproducible.\"",
+    "A sliding window scores every token once, with as much context as the window allows.",
+    "Ünïcödé text, em-dashes — and emoji 🙂 all count as bytes in UTF-8.",
+    "The committee met on Tuesday, discussed the budget, and adjourned at noon.",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_paths(tmp_path, monkeypatch):
+    """Each test runs in its own working directory, so relative outputs never land in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
+def train_tokenizer(special_tokens, vocab_size=400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(PROSE * 10, trainer)
+    return tok
+
+
+def save_tiny_gpt2(path: Path, n_positions=128) -> Path:
+    """A 2-layer GPT-2 with random weights; its tokenizer's BOS is <|endoftext|>, as GPT-2's is."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(["<|endoftext|>"]), bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A 2-layer Llama (RoPE, GQA, RMSNorm, untied head) with random weights and BOS <s>."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(["<s>", "</s>"]), bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random init is near-uniform; larger weights make real differences between tokens
+        for p in model.parameters():
+            p.mul_(8.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    return str(save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    """Documents of mixed lengths: a few tokens up to several windows of the tiny models."""
+    texts = []
+    for i in range(9):
+        n = [1, 2, 5, 13, 30][i % 5]
+        texts.append(" ".join(PROSE[(i + k) % len(PROSE)] for k in range(n)))
+    return texts
+
+
+@pytest.fixture
+def corpus_jsonl(tmp_path, corpus_texts) -> str:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(corpus_texts)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (GGUF, de-quantized to float32), loaded once per session."""
+    from ppl_cli import Config
+    from ppl_cli.errors import PplError
+    from ppl_cli.model import load_model
+
+    try:
+        return load_model(Config(model="smollm2-135m", device="cpu", dtype="float32"))
+    except PplError as e:
+        pytest.skip(f"SmolLM2-135M is not installed ({e})")
+
+
+def wikitext_valid_or_skip() -> Path:
+    if not WIKITEXT_VALID.is_file():
+        pytest.skip(f"WikiText-2 is not available: {WIKITEXT_VALID} is absent (../shared beside the checkout)")
+    return WIKITEXT_VALID

@@ -1,0 +1,49 @@
+"""Naive reference computations, written independently of ppl_cli: one document, plain loops."""
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[j] | ids[:j]) for j = 1..len-1 from ONE plain forward pass, in float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+
+
+def hf_recipe(model, ids: list[int], max_length: int, stride: int) -> tuple[float, int]:
+    """The Hugging Face "perplexity of fixed-length models" loop over one document, summing the
+    exact per-token NLL of the targets (not the guide's mean loss times a count)."""
+    seq_len = len(ids)
+    input_all = torch.tensor([ids])
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = input_all[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            logits = model(input_ids).logits.double()
+        shift_logits, shift_labels = logits[:, :-1, :], target_ids[:, 1:]
+        nll_sum += F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
+        n_tokens += int((shift_labels != -100).sum())
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return nll_sum, n_tokens
+
+
+def rolling_disjoint(model, ids: list[int], max_length: int) -> tuple[float, int]:
+    """lm-evaluation-harness style rolling windows: targets ids[1:] cut into chunks of
+    max_length - 1, each window reading the token before its chunk plus the chunk."""
+    targets = list(range(1, len(ids)))
+    nll_sum = 0.0
+    for start in range(0, len(targets), max_length - 1):
+        chunk = targets[start : start + max_length - 1]
+        window = ids[chunk[0] - 1 : chunk[-1] + 1]
+        logprobs = token_logprobs(model, window)
+        nll_sum -= logprobs.sum().item()
+    return nll_sum, len(targets)
