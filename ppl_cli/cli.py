@@ -37,7 +37,7 @@ def cli():
 @click.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
 @click.option("--stride", type=int, help="Tokens between window starts (default: window/2).")
 @click.option("--add-bos/--no-add-bos", default=None, help="Prefix each document with BOS (default: if the tokenizer has one).")
-@click.option("--max-batch-tokens", type=int, help="Padded tokens per forward pass (default: 8192 CPU, 65536 GPU).")
+@click.option("--max-batch-tokens", type=int, help="Padded tokens per forward pass (default: one window on CPU, 65536 on GPU).")
 @click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
 @click.option("--seed", type=int, help="Seed of the bootstrap interval (default: 0).")
 @click.option("--bootstrap-samples", type=int, help="Bootstrap resamples; 0 turns the interval off (default: 1000).")

@@ -1,0 +1,223 @@
+"""Benchmark: the Hugging Face recipe (baseline) against ppl-eval's engine, in one process.
+
+    python scripts/bench.py                      # SmolLM2-135M, first 6 WikiText-2 valid articles
+    python scripts/bench.py --window 512 --stride 256 --dtypes float32
+    python scripts/bench.py --model gpt2 --data my.txt --device cuda --dtypes bfloat16
+
+The articles are joined into one document and tokenized without special tokens, so every run
+scores exactly the tokens the recipe scores. Each engine prints scored tokens/s, tokens/s through
+the model, achieved GFLOP/s as a fraction of a measured matmul peak, peak memory beyond the
+weights, and its perplexity and difference from the baseline's exact per-token perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ppl_cli import Config  # noqa: E402
+from ppl_cli.documents import load_documents  # noqa: E402
+from ppl_cli.model import load_model  # noqa: E402
+from ppl_cli.pipeline import Windowing, default_batch_tokens, score_documents  # noqa: E402
+from ppl_cli.scorer import Scorer  # noqa: E402
+from ppl_cli.windows import sliding_windows  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="any ppl-eval data source")
+    parser.add_argument("--articles", type=int, default=6, help="documents joined into the benchmark text")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="ppl-eval runs, comma-separated")
+    parser.add_argument("--max-batch-tokens", type=int, help="default: ppl-eval's default for the device")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    docs, _ = load_documents(Config(data=args.data, limit=args.articles))
+    lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
+    ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
+    peaks = {dtype: matmul_peak(lm.device, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+    log(f"{args.model} on {len(docs)} documents: {len(ids):,} tokens, window {args.window}, stride {args.stride}")
+    log(f"matmul peak on {lm.device}: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()))
+
+    rows = [measure("hf-recipe", "float32", lm, lambda: hf_recipe(lm.model, ids, args.window, args.stride, lm.device))]
+    baseline = rows[0]
+    windowing = Windowing(args.window, args.stride, False, None)
+    for dtype in args.dtypes.split(","):
+        lm.model.to(getattr(torch, dtype))
+        scorer = Scorer(lm.model, lm.device, args.max_batch_tokens or default_batch_tokens(lm.device, args.window))
+        rows.append(measure("ppl-eval", dtype, lm, lambda: (score_documents(scorer, [ids], windowing, None)[0], len(ids) - 1)))
+
+    windows = sliding_windows(len(ids), args.window, args.stride)
+    through = {"hf-recipe": sum(w.end - w.begin for w in windows), "ppl-eval": sum(w.end - w.begin - 1 for w in windows)}
+    flops = {
+        "hf-recipe": forward_flops(lm.model, windows, recipe=True),
+        "ppl-eval": forward_flops(lm.model, windows, recipe=False),
+    }
+    baseline_rate = baseline["tokens"] / baseline["seconds"]
+    for row in rows:
+        seconds = row.pop("seconds")
+        row["scored_tokens_per_s"] = row["tokens"] / seconds
+        row["through_tokens_per_s"] = through[row["engine"]] / seconds
+        row["gflop_per_s"] = flops[row["engine"]] / seconds / 1e9
+        row["fraction_of_peak"] = row["gflop_per_s"] / peaks.get(row["dtype"], math.nan)
+        row["speedup"] = row["scored_tokens_per_s"] / baseline_rate
+        row["ppl_vs_baseline"] = row["perplexity"] / baseline["perplexity"] - 1
+    if args.json:
+        print(json.dumps({"tokens": len(ids), "peaks_gflops": peaks, "rows": rows, "args": vars(args)}, indent=2))
+    else:
+        print_table(rows)
+
+
+def hf_recipe(model, ids, max_length, stride, device):
+    """The guide's loop as published (batch 1, full logits, loss from labels), plus the exact sum."""
+    input_all = torch.tensor([ids])
+    seq_len = input_all.size(1)
+    published_nll, published_tokens, exact_nll, exact_tokens = 0.0, 0, 0.0, 0
+    prev_end_loc = 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = input_all[:, begin_loc:end_loc].to(device)
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        num_valid_tokens = (target_ids != -100).sum().item()
+        num_loss_tokens = num_valid_tokens - target_ids.size(0)  # the guide's count
+        published_nll += loss.item() * num_loss_tokens
+        published_tokens += num_loss_tokens
+        counted = int((target_ids[:, 1:] != -100).sum())  # the tokens the loss really averages
+        exact_nll += loss.item() * counted
+        exact_tokens += counted
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    log(f"hf-recipe published normalisation: ppl {math.exp(published_nll / published_tokens):.6f} over {published_tokens} tokens")
+    return exact_nll, exact_tokens
+
+
+def measure(engine, dtype, lm, run):
+    log(f"running {engine} {dtype} ...")
+    with PeakMemory(lm.device) as memory:
+        start = time.perf_counter()
+        nll, tokens = run()
+        seconds = time.perf_counter() - start
+    row = {"engine": engine, "dtype": dtype, "tokens": tokens, "nll_sum": nll, "perplexity": math.exp(nll / tokens)}
+    row.update(seconds=seconds, peak_memory_mb=memory.peak_mb)
+    log(f"  {seconds:.1f} s, ppl {row['perplexity']:.6f}, peak +{memory.peak_mb:.0f} MB")
+    return row
+
+
+def forward_flops(model, windows, recipe: bool) -> float:
+    """Matmul FLOPs: 2 x body parameters per token, causal attention 2 x L^2 x d per layer, and the
+    LM head 2 x d x V on every position (recipe) or only on scored positions (ppl-eval)."""
+    config = model.config.get_text_config()
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - embedding.numel() - (0 if head is embedding else head.numel())
+    layers, d = config.num_hidden_layers, config.hidden_size
+    total = 0.0
+    for w in windows:
+        length = w.end - w.begin - (0 if recipe else 1)
+        head_rows = length if recipe else w.end - w.score_from
+        total += 2 * body * length + 2 * layers * length * length * d + 2 * head.shape[0] * head.shape[1] * head_rows
+    return total
+
+
+def matmul_peak(device, dtype, n=4096, reps=3) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return reps * 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory beyond what was in use at the start: CUDA allocator stats, or sampled RSS on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._peak = rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = (max(self._peak, rss()) - self._base) / 2**20
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def print_table(rows):
+    header = ["engine", "dtype", "scored tok/s", "through tok/s", "GFLOP/s", "of peak", "peak MB", "perplexity", "vs baseline", "speedup"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        cells = [
+            r["engine"],
+            r["dtype"],
+            f"{r['scored_tokens_per_s']:,.0f}",
+            f"{r['through_tokens_per_s']:,.0f}",
+            f"{r['gflop_per_s']:,.0f}",
+            f"{r['fraction_of_peak']:.0%}",
+            f"{r['peak_memory_mb']:,.0f}",
+            f"{r['perplexity']:.4f}",
+            f"{r['ppl_vs_baseline']:+.5%}",
+            f"{r['speedup']:.2f}x",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
