@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .attention import use_blocked_attention
 from .errors import EXIT_MODEL, EXIT_NUMERIC, PplError
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per head chunk: 64 MiB in float32
@@ -34,6 +35,7 @@ class Scorer:
         self.max_batch_tokens = max_batch_tokens
         self.decoder = model.base_model
         self.head = model.get_output_embeddings()
+        self.blocked_attention = use_blocked_attention(model)  # bfloat16 on CPU only
         # Models that post-process logits (soft-capping, scaling) need the full forward.
         self.split_head = head_reproduces_logits(model, device)
 
