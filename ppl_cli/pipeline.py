@@ -5,9 +5,11 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+
+import numpy as np
 
 from .config import Config
 from .documents import Document, load_documents
@@ -110,8 +112,11 @@ def default_batch_tokens(device, window: int) -> int:
     return max(window, 65536) if device.type == "cuda" else window
 
 
-def tokenize(tokenizer, docs: list[Document], windowing: Windowing) -> list[list[int]]:
-    """Each document on its own, without the tokenizer's special tokens, BOS prepended if asked."""
+def tokenize(tokenizer, docs: list[Document], windowing: Windowing) -> list[np.ndarray]:
+    """Each document on its own, without the tokenizer's special tokens, BOS prepended if asked.
+
+    Ids are kept as int32 arrays (4 bytes a token, not a Python int's 28+8) so a large corpus fits.
+    """
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -120,14 +125,14 @@ def tokenize(tokenizer, docs: list[Document], windowing: Windowing) -> list[list
         ids = []
         for start in range(0, len(docs), TOKENIZE_BATCH):
             texts = [doc.text for doc in docs[start : start + TOKENIZE_BATCH]]
-            ids += tokenizer(texts, add_special_tokens=False)["input_ids"]
+            prefix = [windowing.bos_id] if windowing.add_bos else []
+            ids += [np.array(prefix + doc_ids, dtype=np.int32) for doc_ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     finally:
         transformers.logging.set_verbosity(verbosity)
-    prefix = [windowing.bos_id] if windowing.add_bos else []
-    return [prefix + list(doc_ids) for doc_ids in ids]
+    return ids
 
 
-def document_groups(indices: list[int], token_ids: list[list[int]], budget: int) -> Iterator[list[int]]:
+def document_groups(indices: list[int], token_ids: list[np.ndarray], budget: int) -> Iterator[list[int]]:
     """Consecutive documents of about `budget` tokens: their windows are batched together."""
     group, size = [], 0
     for i in indices:
@@ -140,7 +145,7 @@ def document_groups(indices: list[int], token_ids: list[list[int]], budget: int)
         yield group
 
 
-def score_documents(scorer, sequences: list[list[int]], windowing: Windowing, on_tokens) -> list[float]:
+def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens) -> list[float]:
     """NLL sum of each token sequence under the sliding-window rule."""
     import torch
 
@@ -148,7 +153,7 @@ def score_documents(scorer, sequences: list[list[int]], windowing: Windowing, on
 
     jobs, owner = [], []
     for d, ids in enumerate(sequences):
-        tokens = torch.tensor(ids, dtype=torch.long)
+        tokens = torch.as_tensor(ids, dtype=torch.long)  # [n]
         for w in sliding_windows(len(ids), windowing.window, windowing.stride):
             jobs.append(Job(tokens[w.begin : w.end], w.score_from - w.begin))
             owner.append(d)

