@@ -26,6 +26,7 @@ def cli():
 @click.option("--dtype", type=click.Choice(DTYPES), help="auto: bfloat16 on CUDA, float32 elsewhere.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
 @click.option("--data", help="wikitext, a hub dataset id, a file, a directory, - for stdin; default: python-docstrings.")
 @click.option("--data-config", help="Hub dataset configuration name.")
 @click.option("--split", help="Hub dataset split (wikitext: test).")

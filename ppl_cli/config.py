@@ -25,6 +25,7 @@ class Config:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load .bin/.pt weights, which can run code while unpickling
     # Data
     data: str = DEFAULT_DATA
     data_config: str | None = None
@@ -66,6 +67,8 @@ class Config:
             raise PplError("model must not be empty")
         if not self.data.strip():
             raise PplError("data must not be empty")
+        if self.overwrite and not self.output:
+            raise PplError("--overwrite needs an output directory (-o/--output)")
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

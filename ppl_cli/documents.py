@@ -50,6 +50,7 @@ TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 def load_documents(config: Config, stdin: io.BufferedIOBase | None = None) -> tuple[list[Document], dict]:
     """The documents of config.data (at most config.limit) and a description of the source."""
     source = config.data
+    check_option_conflicts(config)
     if source == "python-docstrings":
         docs, info = python_docstrings(), {"kind": "python-docstrings", "python": sys.version.split()[0]}
     elif source == "-":
@@ -69,6 +70,19 @@ def load_documents(config: Config, stdin: io.BufferedIOBase | None = None) -> tu
         raise PplError(f"no documents in {source}", EXIT_DATA)
     info.update(source=source, documents=len(docs), fingerprint=fingerprint(docs))
     return docs, info
+
+
+def check_option_conflicts(config: Config) -> None:
+    """Options that mean nothing for this kind of source are an error, not silently ignored."""
+    source = config.data
+    local = source in ("-", "python-docstrings") or Path(source).exists() or looks_like_path(source)
+    if local and (config.data_config or config.split):
+        option = "--data-config" if config.data_config else "--split"
+        raise PplError(f"{option} applies to hub datasets, not to {source}")
+    suffix = Path(source).suffix.lower()
+    records = not local or source == "wikitext" or suffix in TABLE_SUFFIXES | WIKITEXT_SUFFIXES
+    if records and config.doc_split != "file":
+        raise PplError(f"--doc-split applies to plain text (.txt, directories, stdin), not to {source}")
 
 
 def looks_like_path(source: str) -> bool:

@@ -59,6 +59,25 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, None, "hub")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_REFUSAL = (
+    "has only pickled weights ({}), and unpickling can run arbitrary code; "
+    "rerun with --allow-pickle if you trust its source"
+)
+
+
+def refuse_pickle_only(source: ModelSource, spec: str) -> None:
+    """A local directory with pickled weights and no safetensors is refused before anything is read."""
+    if source.kind != "directory":
+        return
+    folder = Path(source.location)
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise PplError(f"model {spec} " + PICKLE_REFUSAL.format(", ".join(pickled[:3])), EXIT_MODEL)
+
+
 def resolve_device(name: str):
     import torch
 
@@ -98,11 +117,16 @@ def load_model(config: Config) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    weights = {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    elif not config.allow_pickle:
+        refuse_pickle_only(source, config.model)
+        weights["use_safetensors"] = True
     try:
+        transformers.AutoConfig.from_pretrained(source.location, **kwargs)  # cheap: config errors come first
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs, **weights)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for a bad model
         raise PplError(explain_load_error(config.model, e), EXIT_MODEL) from None
     model.to(device).eval()
@@ -158,6 +182,8 @@ def explain_load_error(spec: str, error: Exception) -> str:
     text = str(error)
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     lower = text.lower()
+    if "cannot be loaded with `safetensors`" in lower:
+        return f"model {spec} " + PICKLE_REFUSAL.format("no .safetensors files on the hub")
     if "trust_remote_code" in lower:
         return f"model {spec} contains custom code; rerun with --trust-remote-code if you trust its source"
     if "unrecognized configuration class" in lower or "for this kind of automodel" in lower:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import platform
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -69,22 +72,8 @@ def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
     scorer = Scorer(lm.model, lm.device, config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window))
     # Skipped: empty or whitespace-only documents, and (without BOS) one-token ones: nothing to score.
     kept = [i for i, doc in enumerate(docs) if doc.text.strip() and len(token_ids[i]) >= 2]
-    total_tokens = sum(len(token_ids[i]) - 1 for i in kept)
-    bar = progress_bar(total_tokens, progress)
-    bar.update(sum(len(token_ids[i]) - 1 for i in kept if i in done))
-    scored_now, scoring_started = 0, time.perf_counter()
-    results = dict(done)
-    for group in document_groups(kept, token_ids, scorer.max_batch_tokens * GROUP_BATCHES):
-        if all(i in done for i in group):
-            continue  # finished by an earlier run; skipping whole groups keeps the batch plan identical
-        nll = score_documents(scorer, [token_ids[i] for i in group], windowing, bar.update)
-        scored_now += sum(len(token_ids[i]) - 1 for i in group)
-        fresh = [document_result(i, docs[i], len(token_ids[i]) - 1, nll_sum) for i, nll_sum in zip(group, nll)]
-        fresh = [row for row in fresh if row["index"] not in done]
-        results.update((row["index"], row) for row in fresh)
-        if run_dir:
-            run_dir.append(fresh)
-    bar.close()
+    scoring_started = time.perf_counter()
+    results, scored_now = score_corpus(scorer, docs, token_ids, kept, done, windowing, run_dir, progress)
     scoring_time = time.perf_counter() - scoring_started
 
     documents = [results[i] for i in kept]
@@ -93,6 +82,73 @@ def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
     if run_dir:
         run_dir.finish(summary, documents)
     return Result(summary, documents)
+
+
+def score_corpus(scorer, docs, token_ids, kept, done, windowing, run_dir, progress) -> tuple[dict[int, dict], int]:
+    """Score the kept documents not yet done, a group at a time, appending each group's results.
+
+    SIGINT/SIGTERM stop the run after the current batch: finished groups are already on disk.
+    """
+    bar = progress_bar(sum(len(token_ids[i]) - 1 for i in kept), progress)
+    bar.update(sum(len(token_ids[i]) - 1 for i in kept if i in done))
+    results, scored_now = dict(done), 0
+    with stop_signals() as stop:
+
+        def on_tokens(n):
+            bar.update(n)
+            if stop.signum is not None:
+                raise Interrupted(stop.signum)
+
+        try:
+            for group in document_groups(kept, token_ids, scorer.max_batch_tokens * GROUP_BATCHES):
+                if all(i in done for i in group):
+                    continue  # finished by an earlier run; skipping whole groups keeps the batch plan identical
+                nll = score_documents(scorer, [token_ids[i] for i in group], windowing, on_tokens)
+                scored_now += sum(len(token_ids[i]) - 1 for i in group)
+                fresh = [document_result(i, docs[i], len(token_ids[i]) - 1, nll) for i, nll in zip(group, nll)]
+                fresh = [row for row in fresh if row["index"] not in done]
+                results.update((row["index"], row) for row in fresh)
+                if run_dir:
+                    run_dir.append(fresh)
+        except Interrupted as e:
+            bar.close()
+            name = signal.Signals(e.signum).name
+            saved = f"{len(results)} of {len(kept)} documents are saved in {run_dir.path}; run the same command to resume"
+            unsaved = f"{len(results)} of {len(kept)} documents were scored but not saved (use -o DIR to keep them)"
+            raise PplError(f"stopped by {name}: " + (saved if run_dir else unsaved), 128 + e.signum) from None
+    bar.close()
+    return results, scored_now
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    signum: int | None = None
+
+
+@contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """SIGINT/SIGTERM ask the run to stop after the current batch; a second one stops it at once."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def resolve_windowing(config: Config, context_length: int | None, bos_id: int | None) -> Windowing:
