@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 
@@ -42,6 +43,7 @@ def cli():
 @click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
 @click.option("--seed", type=int, help="Seed of the bootstrap interval (default: 0).")
 @click.option("--bootstrap-samples", type=int, help="Bootstrap resamples; 0 turns the interval off (default: 1000).")
+@click.option("--shard", help="Score only shard I of N (I/N, token-balanced); combine with `ppl-eval merge`.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Directory for summary.json, documents.jsonl/.csv.")
 @click.option("--overwrite", is_flag=True, help="Replace the results already in --output instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout and nothing else.")
@@ -58,13 +60,45 @@ def run(ctx, config_file, as_json, quiet, debug, **options):
       cat notes/*.txt | ppl-eval run --data - --json
     """
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
-    try:
+
+    def work():
         config = build_config(config_file, **given)
         if quiet:
             silence_libraries()
         from .pipeline import evaluate
 
-        result = evaluate(config, progress=not quiet)
+        return evaluate(config, progress=not quiet)
+
+    report(guarded(work, debug), as_json, main_rank=os.environ.get("RANK", "0") == "0")
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for the merged report.")
+@click.option("--allow-partial", is_flag=True, help="Merge even if shards are missing; the summary reports coverage.")
+@click.option("--overwrite", is_flag=True, help="Replace results already in --output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the merged summary.json to stdout and nothing else.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def merge(dirs, output, allow_partial, overwrite, as_json, debug):
+    """Combine the result directories of `run --shard I/N` into one report.
+
+    \b
+    Example:
+      ppl-eval merge results/shard-* -o results/all
+    """
+
+    def work():
+        from .merge import merge_runs
+
+        return merge_runs(list(dirs), output, allow_partial, overwrite)
+
+    report(guarded(work, debug), as_json)
+
+
+def guarded(work, debug: bool):
+    """Run `work`; any failure becomes one line on stderr and an exit code."""
+    try:
+        return work()
     except PplError as e:
         fail(str(e), e.exit_code, debug)
     except KeyboardInterrupt:
@@ -72,6 +106,11 @@ def run(ctx, config_file, as_json, quiet, debug, **options):
     except Exception as e:  # a bug or an unexpected library error: still one line, unless --debug
         fail(f"unexpected {type(e).__name__}: {first_line(e)} (rerun with --debug for the traceback)", 1, debug)
 
+
+def report(result, as_json: bool, main_rank: bool = True):
+    """Print the summary once (rank 0 under torchrun): as JSON, or a few lines for a person."""
+    if not main_rank:
+        return
     if as_json:
         click.echo(json.dumps(result.summary, indent=2, ensure_ascii=False))
     else:

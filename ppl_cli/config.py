@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PplError
+from .sharding import parse_shard
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DOC_SPLITS = ("file", "line", "blank-line")
@@ -45,6 +46,8 @@ class Config:
     # Statistics
     seed: int = 0
     bootstrap_samples: int = 1000
+    # Scale-out
+    shard: str | None = None  # "I/N": score only shard I of N (token-balanced)
     # Output
     output: str | None = None
     overwrite: bool = False
@@ -67,6 +70,8 @@ class Config:
             raise PplError("model must not be empty")
         if not self.data.strip():
             raise PplError("data must not be empty")
+        if self.shard is not None:
+            parse_shard(self.shard)
         if self.overwrite and not self.output:
             raise PplError("--overwrite needs an output directory (-o/--output)")
 

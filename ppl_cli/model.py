@@ -78,12 +78,15 @@ def refuse_pickle_only(source: ModelSource, spec: str) -> None:
         raise PplError(f"model {spec} " + PICKLE_REFUSAL.format(", ".join(pickled[:3])), EXIT_MODEL)
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, local_rank: int = 0):
+    """The device by name; under torchrun `auto` and `cuda` mean this rank's GPU, cuda:LOCAL_RANK."""
     import torch
 
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -109,12 +112,12 @@ def resolve_dtype(name: str, device):
     return getattr(torch, name)
 
 
-def load_model(config: Config) -> LoadedModel:
+def load_model(config: Config, local_rank: int = 0) -> LoadedModel:
     import torch
     import transformers
 
     source = resolve_model(config.model)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, local_rank)
     dtype = resolve_dtype(config.dtype, device)
     kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     weights = {}

@@ -19,6 +19,7 @@ from .documents import Document, load_documents
 from .errors import PplError
 from .metrics import corpus_metrics, count_bytes, count_words, unit_metrics
 from .reports import RunDirectory
+from .sharding import parse_shard, select
 from .windows import sliding_windows
 
 MAX_DEFAULT_WINDOW = 2048
@@ -41,47 +42,91 @@ class Result:
 
 
 def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
-    """Score every document of config.data with config.model; write reports if config.output is set."""
-    import torch
+    """Score every document of config.data with config.model; write reports if config.output is set.
 
-    started = time.perf_counter()
-    run_dir = RunDirectory(config.output, config.overwrite) if config.output else None
-    docs, data_info = load_documents(config, stdin)
+    Under torchrun each rank scores a token-balanced share and rank 0 writes the reports; every
+    rank returns the same Result.
+    """
+    from . import distributed
+
+    ranks = distributed.start()
+    try:
+        return evaluate_ranks(config, ranks, progress, stdin)
+    finally:
+        distributed.stop(ranks)
+
+
+def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
+    import torch
 
     from .model import load_model
     from .scorer import Scorer
 
+    started = time.perf_counter()
+    if ranks.world > 1 and config.data == "-":
+        raise PplError("--data - (standard input) cannot be shared between torchrun ranks; use a file")
+    run_dir = RunDirectory(config.output, config.overwrite, ranks.rank, ranks.world) if config.output else None
+    docs, data_info = load_documents(config, stdin)
     if config.threads:
         torch.set_num_threads(config.threads)
-    lm = load_model(config)
+    lm = load_model(config, ranks.local_rank)
     windowing = resolve_windowing(config, lm.context_length, lm.bos_id)
     token_ids = tokenize(lm.tokenizer, docs, windowing)
-    done = {}
-    if run_dir:
-        identity = {
-            "model": config.model,
-            "revision": config.revision,
-            "dtype": lm.info["dtype"],
-            "data": data_info["fingerprint"],
-            "window": windowing.window,
-            "stride": windowing.stride,
-            "add_bos": windowing.add_bos,
-        }
-        done = run_dir.begin(identity)
+    # Scored tokens per document; 0 for the skipped: empty, whitespace-only or (no BOS) one token.
+    sizes = [len(ids) - 1 if doc.text.strip() and len(ids) >= 2 else 0 for doc, ids in zip(docs, token_ids)]
+    shard = list(range(len(docs)))
+    if config.shard:
+        shard = select(shard, sizes, *parse_shard(config.shard))
+        data_info["shard"] = config.shard
+    mine = select(shard, sizes, ranks.rank, ranks.world) if ranks.world > 1 else shard
+    done = begin_run(run_dir, ranks, config, lm.info, data_info, windowing) if run_dir else {}
 
     scorer = Scorer(lm.model, lm.device, config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window))
-    # Skipped: empty or whitespace-only documents, and (without BOS) one-token ones: nothing to score.
-    kept = [i for i, doc in enumerate(docs) if doc.text.strip() and len(token_ids[i]) >= 2]
     scoring_started = time.perf_counter()
-    results, scored_now = score_corpus(scorer, docs, token_ids, kept, done, windowing, run_dir, progress)
+    mine_kept = [i for i in mine if sizes[i]]
+    results, scored_now = score_corpus(scorer, docs, token_ids, mine_kept, done, windowing, run_dir, progress and ranks.main)
     scoring_time = time.perf_counter() - scoring_started
 
-    documents = [results[i] for i in kept]
-    wall = time.perf_counter() - started
-    summary = build_summary(config, documents, len(docs) - len(kept), lm.info, data_info, windowing, wall, scored_now, scoring_time)
-    if run_dir:
-        run_dir.finish(summary, documents)
-    return Result(summary, documents)
+    gathered = ranks.gather((results, scored_now))
+    result = None
+    if ranks.main:
+        results = {i: row for part, _ in gathered for i, row in part.items()}
+        scored_now = sum(n for _, n in gathered)
+        kept = [i for i in shard if sizes[i]]
+        documents = [results[i] for i in kept]
+        wall = time.perf_counter() - started
+        summary = build_summary(
+            config, documents, len(shard) - len(kept), lm.info, data_info, windowing, wall, scored_now, scoring_time
+        )
+        summary["ranks"] = ranks.world
+        if run_dir:
+            run_dir.finish(summary, documents)
+        result = Result(summary, documents)
+    return ranks.broadcast(result)
+
+
+def begin_run(run_dir, ranks, config, model_info, data_info, windowing) -> dict[int, dict]:
+    """Rank 0 checks the output directory against this run; every rank learns what is done."""
+    identity = {
+        "model": config.model,
+        "revision": config.revision,
+        "dtype": model_info["dtype"],
+        "data": data_info["fingerprint"],
+        "shard": config.shard,
+        "window": windowing.window,
+        "stride": windowing.stride,
+        "add_bos": windowing.add_bos,
+    }
+    status = None
+    if ranks.main:
+        try:
+            status = ("done", run_dir.begin(identity))
+        except PplError as e:
+            status = ("error", str(e), e.exit_code)
+    status = ranks.broadcast(status)
+    if status[0] == "error":
+        raise PplError(status[1], status[2])
+    return status[1]
 
 
 def score_corpus(scorer, docs, token_ids, kept, done, windowing, run_dir, progress) -> tuple[dict[int, dict], int]:

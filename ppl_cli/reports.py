@@ -19,6 +19,7 @@ DOCUMENTS_FILE = "documents.jsonl"
 CSV_FILE = "documents.csv"
 SUMMARY_FILE = "summary.json"
 OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
+RANK_PREFIX = "documents.rank-"
 DOCUMENT_COLUMNS = ("index", "id", *METRIC_KEYS)
 
 
@@ -29,8 +30,12 @@ class RunDirectory:
     restarted run skips them; every other file is written whole to a temp file and renamed.
     """
 
-    def __init__(self, path: str, overwrite: bool):
+    def __init__(self, path: str, overwrite: bool, rank: int = 0, world: int = 1):
         self.path = Path(path)
+        # Under torchrun each rank appends to its own file; rank 0 joins them at the end.
+        self.appends_to = DOCUMENTS_FILE if world == 1 else f"{RANK_PREFIX}{rank}.jsonl"
+        if rank != 0:
+            return  # rank 0 checks and prepares the directory
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.path):
@@ -38,14 +43,14 @@ class RunDirectory:
         except OSError as e:
             raise PplError(f"output directory {path} is not writable: {e.strerror}", EXIT_OUTPUT) from None
         if overwrite:
-            for name in OWN_FILES:
-                (self.path / name).unlink(missing_ok=True)
+            for path in self.own_files():
+                path.unlink()
 
     def begin(self, identity: dict) -> dict[int, dict]:
         """Record what this run is; return the documents an earlier run of it already finished."""
         run_file = self.path / RUN_FILE
         if not run_file.exists():
-            if any((self.path / name).exists() for name in OWN_FILES):
+            if self.own_files():
                 raise PplError(f"{self.path} holds results of another run; use --overwrite to replace them", EXIT_OUTPUT)
             write_atomic(run_file, json.dumps(identity, indent=2) + "\n")
             return {}
@@ -62,27 +67,20 @@ class RunDirectory:
                 )
         return self.finished_documents()
 
+    def own_files(self) -> list[Path]:
+        names = [self.path / name for name in OWN_FILES] + sorted(self.path.glob(f"{RANK_PREFIX}*.jsonl"))
+        return [p for p in names if p.exists()]
+
     def finished_documents(self) -> dict[int, dict]:
-        """Lines of documents.jsonl; a torn last line (a kill mid-write) is cut off the file."""
-        path = self.path / DOCUMENTS_FILE
-        if not path.exists():
-            return {}
-        done, good_bytes = {}, 0
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                    done[row["index"]] = row
-                except (ValueError, KeyError, TypeError):
-                    break
-                good_bytes += len(line)
-        if good_bytes < path.stat().st_size:
-            with open(path, "r+b") as f:
-                f.truncate(good_bytes)
+        """Documents in documents.jsonl and the ranks' files of an interrupted torchrun run."""
+        done = {}
+        for path in [self.path / DOCUMENTS_FILE, *sorted(self.path.glob(f"{RANK_PREFIX}*.jsonl"))]:
+            if path.exists():
+                done.update(read_lines(path))
         return done
 
     def append(self, rows: list[dict]) -> None:
-        with open(self.path / DOCUMENTS_FILE, "a", encoding="utf-8") as f:
+        with open(self.path / self.appends_to, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
@@ -91,8 +89,27 @@ class RunDirectory:
     def finish(self, summary: dict, documents: list[dict]) -> None:
         """Rewrite documents.jsonl in input order, then the CSV and the summary, each atomically."""
         write_atomic(self.path / DOCUMENTS_FILE, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
+        for part in self.path.glob(f"{RANK_PREFIX}*.jsonl"):
+            part.unlink()
         write_atomic(self.path / CSV_FILE, documents_csv(documents))
         write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_lines(path: Path) -> dict[int, dict]:
+    """Document lines by index; a torn last line (a kill mid-write) is cut off the file."""
+    done, good_bytes = {}, 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                done[row["index"]] = row
+            except (ValueError, KeyError, TypeError):
+                break
+            good_bytes += len(line)
+    if good_bytes < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,87 @@
+"""`ppl-eval merge`: combine the result directories of `--shard I/N` runs into one report.
+
+The merged summary is computed from all documents exactly as a single run computes it (the
+bootstrap too, over every document), so it equals the unsharded run's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config
+from .errors import EXIT_DATA, PplError
+from .pipeline import Result, Windowing, build_summary
+from .reports import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, RunDirectory, read_lines
+from .sharding import parse_shard
+
+
+def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwrite: bool = False) -> Result:
+    shards = [read_shard(Path(d)) for d in dirs]
+    first = shards[0]
+    for shard in shards[1:]:
+        keys = [*first["identity"], *(k for k in shard["identity"] if k not in first["identity"])]
+        for key in keys:  # in run.json's order: model, ..., data, shard, window, stride, add_bos
+            if key != "shard" and first["identity"].get(key) != shard["identity"].get(key):
+                raise PplError(
+                    f"{shard['dir']} and {first['dir']} come from different runs: {key} differs"
+                    f" ({shard['identity'].get(key)!r} vs {first['identity'].get(key)!r})",
+                    EXIT_DATA,
+                )
+    counts = {shard["count"] for shard in shards}
+    if len(counts) > 1:
+        raise PplError(f"the shards split the data differently: into {sorted(counts)} parts", EXIT_DATA)
+    count = counts.pop()
+    by_index: dict[int, Path] = {}
+    for shard in shards:
+        if shard["index"] in by_index:
+            raise PplError(f"shard {shard['index']}/{count} is given twice: {by_index[shard['index']]} and {shard['dir']}", EXIT_DATA)
+        by_index[shard["index"]] = shard["dir"]
+    missing = [i for i in range(count) if i not in by_index]
+    if missing and not allow_partial:
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        raise PplError(f"missing shard{'s' if len(missing) > 1 else ''} {names}; use --allow-partial to merge anyway", EXIT_DATA)
+
+    documents = sorted((row for shard in shards for row in shard["documents"].values()), key=lambda row: row["index"])
+    summaries = [shard["summary"] for shard in shards]
+    config = Config(**{**first["summary"]["config"], "shard": None, "output": output, "overwrite": overwrite})
+    windowing = Windowing(**first["summary"]["windowing"], bos_id=None)
+    data_info = {k: v for k, v in first["summary"]["data"].items() if k != "shard"}
+    data_info["shards"] = {"count": count, "merged": sorted(by_index), "missing": missing, "complete": not missing}
+    summary = build_summary(
+        config,
+        documents,
+        sum(s["skipped_documents"] for s in summaries),
+        first["summary"]["model"],
+        data_info,
+        windowing,
+        sum(s["wall_time_s"] for s in summaries),  # device time over all shards
+        sum(s["tokens"] for s in summaries),
+        sum(s["scoring_time_s"] for s in summaries),
+    )
+    run_dir = RunDirectory(output, overwrite)
+    run_dir.begin({**first["identity"], "shard": None})
+    run_dir.finish(summary, documents)
+    return Result(summary, documents)
+
+
+def read_shard(path: Path) -> dict:
+    for name in (RUN_FILE, SUMMARY_FILE, DOCUMENTS_FILE):
+        if not (path / name).is_file():
+            raise PplError(f"{path} is not a finished ppl-eval run: no {name}", EXIT_DATA)
+    try:
+        identity = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
+        summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except ValueError:
+        raise PplError(f"{path}: {RUN_FILE} or {SUMMARY_FILE} is not valid JSON", EXIT_DATA) from None
+    if not identity.get("shard"):
+        raise PplError(f"{path} is not a shard (it was run without --shard)", EXIT_DATA)
+    index, count = parse_shard(identity["shard"])
+    return {
+        "dir": path,
+        "identity": identity,
+        "summary": summary,
+        "documents": read_lines(path / DOCUMENTS_FILE),
+        "index": index,
+        "count": count,
+    }

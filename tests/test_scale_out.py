@@ -1,0 +1,167 @@
+"""--shard I/N, `ppl-eval merge` and torchrun: every way of splitting gives the single run's numbers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ppl_cli.cli import cli
+from ppl_cli.sharding import balanced_split, parse_shard
+
+REL = 1e-6
+SPLIT_INDEPENDENT = {"wall_time_s", "scoring_time_s", "tokens_per_second", "config", "data", "ranks", "model"}
+
+
+def test_balanced_split_hand_checked():
+    # Largest first to the lightest share: 9 -> A, 7 -> B, 5 -> B (7 < 9), 4 -> A, 1 -> B.
+    assert balanced_split([5, 9, 1, 7, 4], 2) == [[1, 4], [0, 2, 3]]
+    assert balanced_split([3, 3], 4) == [[0], [1], [], []]
+
+
+@given(st.lists(st.integers(0, 1000), max_size=60), st.integers(1, 9))
+def test_balanced_split_is_a_balanced_partition(sizes, parts):
+    shares = balanced_split(sizes, parts)
+    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+    totals = [sum(sizes[i] for i in share) for share in shares]
+    assert max(totals) - min(totals) <= max(sizes, default=0)
+    assert shares == balanced_split(sizes, parts)  # deterministic
+
+
+@pytest.mark.parametrize("text", ["3", "2/2", "-1/4", "a/b", "1/0"])
+def test_bad_shard_specs(text):
+    result = CliRunner().invoke(cli, ["run", "--shard", text, "--data", "-"], input="x")
+    assert result.exit_code == 2 and "--shard" in result.stderr
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, ["run", "--quiet", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read(out):
+    docs = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
+    return docs, json.loads((out / "summary.json").read_text())
+
+
+def assert_same_results(a, b):
+    docs_a, summary_a = a
+    docs_b, summary_b = b
+    assert [d["index"] for d in docs_a] == [d["index"] for d in docs_b]
+    for x, y in zip(docs_a, docs_b):
+        assert x["tokens"] == y["tokens"] and x["bytes"] == y["bytes"]
+        assert y["nll_sum"] == pytest.approx(x["nll_sum"], rel=REL)
+    for key in summary_a.keys() - SPLIT_INDEPENDENT:
+        value = summary_a[key]
+        if key == "bootstrap":
+            for metric in ("token_perplexity", "bits_per_byte"):
+                assert summary_b[key][metric] == pytest.approx(value[metric], rel=REL)
+        elif isinstance(value, float):
+            assert summary_b[key] == pytest.approx(value, rel=REL), key
+        else:
+            assert summary_b[key] == value, key
+
+
+@pytest.fixture
+def single_run(tiny_llama, corpus_jsonl, tmp_path):
+    out = tmp_path / "single"
+    run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--id-field", "id", "-o", str(out))
+    return read(out)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 12])  # 12 shards for 9 documents: some are empty
+def test_shards_merged_equal_the_unsharded_run(tiny_llama, corpus_jsonl, tmp_path, single_run, n):
+    dirs = []
+    for i in range(n):
+        out = tmp_path / f"shard-{i}"
+        run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--id-field", "id",
+                "--shard", f"{i}/{n}", "-o", str(out))  # fmt: skip
+        dirs.append(str(out))
+    merged = CliRunner().invoke(cli, ["merge", *reversed(dirs), "-o", str(tmp_path / "merged"), "--json"])
+    assert merged.exit_code == 0, merged.output
+    assert_same_results(single_run, read(tmp_path / "merged"))
+    summary = json.loads(merged.stdout)
+    assert summary["data"]["shards"] == {"count": n, "merged": list(range(n)), "missing": [], "complete": True}
+    assert summary["config"]["shard"] is None
+
+
+@pytest.fixture
+def three_shards(tiny_llama, corpus_jsonl, tmp_path):
+    dirs = []
+    for i in range(3):
+        out = tmp_path / f"s{i}"
+        run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--shard", f"{i}/3", "-o", str(out))
+        dirs.append(str(out))
+    return dirs
+
+
+def merge(*args):
+    return CliRunner().invoke(cli, ["merge", *args])
+
+
+def test_merge_refuses_missing_duplicate_and_foreign_shards(three_shards, tiny_llama, corpus_jsonl, tmp_path):
+    s0, s1, s2 = three_shards
+    out = str(tmp_path / "m")
+    missing = merge(s0, s2, "-o", out)
+    assert missing.exit_code == 3 and "missing shard 1/3; use --allow-partial" in missing.stderr
+    duplicate = merge(s0, s1, s1, "-o", out)
+    assert duplicate.exit_code == 3 and "shard 1/3 is given twice" in duplicate.stderr
+    other = tmp_path / "other"
+    run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "48", "--shard", "1/3", "-o", str(other))
+    foreign = merge(s0, str(other), s2, "-o", out)
+    assert foreign.exit_code == 3 and "window differs (48 vs 32)" in foreign.stderr
+    four = tmp_path / "four"
+    run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--shard", "1/4", "-o", str(four))
+    assert "split the data differently" in merge(s0, str(four), "-o", out).stderr
+    unsharded = tmp_path / "unsharded"
+    run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "-o", str(unsharded))
+    assert "was run without --shard" in merge(s0, str(unsharded), "-o", out).stderr
+    assert "is not a finished ppl-eval run" in merge(s0, str(tmp_path / "nothing"), "-o", out).stderr
+
+
+def test_merge_allow_partial_reports_coverage(three_shards, tmp_path):
+    s0, _, s2 = three_shards
+    result = merge(s0, s2, "-o", str(tmp_path / "partial"), "--allow-partial", "--json")
+    assert result.exit_code == 0, result.output
+    shards = json.loads(result.stdout)["data"]["shards"]
+    assert shards == {"count": 3, "merged": [0, 2], "missing": [1], "complete": False}
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "ppl_cli", "run", "--quiet", *args]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_two_cpu_ranks_equal_the_single_process_run(tiny_llama, corpus_jsonl, tmp_path, single_run):
+    out = tmp_path / "ddp"
+    done = torchrun("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--id-field", "id",
+                    "-o", str(out), "--json")  # fmt: skip
+    summary = json.loads(done.stdout)  # printed once, by rank 0
+    assert summary["ranks"] == 2
+    assert_same_results(single_run, read(out))
+    assert not list(out.glob("documents.rank-*"))
+
+    # Resume under torchrun: as if killed, keep 4 documents; the rerun completes the same report.
+    lines = (out / "documents.jsonl").read_text().splitlines()
+    (out / "summary.json").unlink()
+    (out / "documents.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    torchrun("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--id-field", "id", "-o", str(out))
+    assert_same_results(single_run, read(out))
+
+
+def test_torchrun_with_a_shard(tiny_llama, corpus_jsonl, tmp_path):
+    plain, ddp = tmp_path / "plain", tmp_path / "ddp"
+    run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--shard", "1/2", "-o", str(plain))
+    torchrun("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--shard", "1/2", "-o", str(ddp))
+    assert_same_results(read(plain), read(ddp))
+
+
+def test_parse_shard():
+    assert parse_shard(" 3 / 8 ") == (3, 8)
