@@ -165,3 +165,47 @@ def test_torchrun_with_a_shard(tiny_llama, corpus_jsonl, tmp_path):
 
 def test_parse_shard():
     assert parse_shard(" 3 / 8 ") == (3, 8)
+
+
+FAKE_SBATCH = """#!/usr/bin/env python3
+# A stand-in for SLURM's sbatch: runs --wrap at once, once per array index, and prints a job id.
+import os, subprocess, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+flags = [a for a in sys.argv[1:] if a.startswith("--") and "=" not in a]
+with open(os.environ["SBATCH_LOG"], "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+first, last = map(int, args.get("array", "0-0").split("-"))
+for task in range(first, last + 1):
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task)}
+    with open(args["output"].replace("%a", str(task)), "w") as out:  # the job's output goes to its log
+        subprocess.run(["bash", "-c", args["wrap"]], env=env, check=True, stdout=out, stderr=out)
+print(4242)
+"""
+
+
+def test_slurm_array_script_runs_shards_then_merge(tiny_llama, corpus_jsonl, tmp_path, single_run):
+    import os
+    from pathlib import Path
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    (bin_dir / "ppl-eval").write_text(f"#!/bin/sh\nexec {sys.executable} -m ppl_cli \"$@\"\n")
+    (bin_dir / "ppl-eval").chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm-array.sh"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SBATCH_LOG": str(tmp_path / "sbatch.log"),
+        "ENV_SETUP": "true",
+        "RUN_OPTIONS": "--quiet --window 32 --id-field id",
+    }
+    out = tmp_path / "slurm"
+    done = subprocess.run(["bash", str(script), tiny_llama, corpus_jsonl, str(out), "3"], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "sbatch.log").read_text()
+    assert "--array=0-2" in log and "--dependency=afterok:4242" in log and "--requeue" in log
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("shard-")) == ["shard-0", "shard-1", "shard-2"]
+    assert_same_results(single_run, read(out / "all"))
