@@ -10,7 +10,7 @@ import traceback
 import click
 from click.core import ParameterSource
 
-from .config import DOC_SPLITS, DTYPES, ENCODING_ERRORS, build_config
+from .config import CONVENTIONS, DETOKENIZERS, DOC_SPLITS, DTYPES, ENCODING_ERRORS, build_config
 from .errors import PplError
 
 
@@ -36,6 +36,8 @@ def cli():
 @click.option("--doc-split", type=click.Choice(DOC_SPLITS), help="Text files: one document per file, line or paragraph.")
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), help="On invalid UTF-8: fail (strict) or replace.")
 @click.option("--limit", type=int, help="Score only the first N documents.")
+@click.option("--convention", type=click.Choice(CONVENTIONS), help="Whose windows and counts: sliding (default), hf-recipe, lm-eval, llama-cpp.")
+@click.option("--detokenize", type=click.Choice(DETOKENIZERS), help="wikitext: lm-eval's WikiText detokenizer before scoring.")
 @click.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
 @click.option("--stride", type=int, help="Tokens between window starts (default: window/2).")
 @click.option("--add-bos/--no-add-bos", default=None, help="Prefix each document with BOS (default: if the tokenizer has one).")

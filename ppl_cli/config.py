@@ -14,6 +14,8 @@ from .sharding import parse_shard
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DOC_SPLITS = ("file", "line", "blank-line")
 ENCODING_ERRORS = ("strict", "replace")
+CONVENTIONS = ("sliding", "hf-recipe", "lm-eval", "llama-cpp")
+DETOKENIZERS = ("none", "wikitext")
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "python-docstrings"
 
@@ -37,6 +39,8 @@ class Config:
     encoding_errors: str = "strict"
     limit: int | None = None
     # Windows
+    convention: str = "sliding"  # sliding, hf-recipe, lm-eval or llama-cpp
+    detokenize: str = "none"  # "wikitext": lm-eval's WikiText detokenizer before scoring
     window: int | None = None  # None: the model's context length, capped at 2048
     stride: int | None = None  # None: window // 2
     add_bos: bool | None = None  # None: yes when the tokenizer has a BOS (or end-of-text) token
@@ -58,6 +62,10 @@ class Config:
             raise PplError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.doc_split not in DOC_SPLITS:
             raise PplError(f"doc_split must be one of {', '.join(DOC_SPLITS)}, not {self.doc_split!r}")
+        if self.convention not in CONVENTIONS:
+            raise PplError(f"convention must be one of {', '.join(CONVENTIONS)}, not {self.convention!r}")
+        if self.detokenize not in DETOKENIZERS:
+            raise PplError(f"detokenize must be one of {', '.join(DETOKENIZERS)}, not {self.detokenize!r}")
         if self.encoding_errors not in ENCODING_ERRORS:
             raise PplError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}")
         for name, low in (("limit", 1), ("window", 2), ("stride", 1), ("max_batch_tokens", 1), ("threads", 1)):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .config import Config
 from .errors import EXIT_DATA, PplError
-from .pipeline import Result, Windowing, build_summary
+from .conventions import Windowing
+from .pipeline import Result, build_summary
 from .reports import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, RunDirectory, read_lines
 from .sharding import parse_shard
 
@@ -45,7 +46,10 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
     documents = sorted((row for shard in shards for row in shard["documents"].values()), key=lambda row: row["index"])
     summaries = [shard["summary"] for shard in shards]
     config = Config(**{**first["summary"]["config"], "shard": None, "output": output, "overwrite": overwrite})
-    windowing = Windowing(**first["summary"]["windowing"], bos_id=None)
+    w = first["summary"]["windowing"]
+    windowing = Windowing(
+        w["convention"], w["window"], w["stride"], w["add_bos"], None, w.get("prefix_token_id"), w.get("detokenize", "none")
+    )
     data_info = {k: v for k, v in first["summary"]["data"].items() if k != "shard"}
     data_info["shards"] = {"count": count, "merged": sorted(by_index), "missing": missing, "complete": not missing}
     summary = build_summary(

@@ -17,22 +17,24 @@ import numpy as np
 from .config import Config
 from .documents import Document, load_documents
 from .errors import PplError
-from .metrics import corpus_metrics, count_bytes, count_words, unit_metrics
+from .conventions import (
+    Windowing,
+    convention_summary,
+    count_words,
+    first_token_replacement,
+    prefix,
+    prepare,
+    text_to_score,
+    windows,
+)
+from .errors import EXIT_DATA
+from .metrics import corpus_metrics, count_bytes, unit_metrics
 from .reports import RunDirectory
 from .sharding import parse_shard, select
-from .windows import sliding_windows
 
 MAX_DEFAULT_WINDOW = 2048
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 GROUP_BATCHES = 8  # a group of documents fills about this many batches before its results are written
-
-
-@dataclass(frozen=True)
-class Windowing:
-    window: int
-    stride: int
-    add_bos: bool
-    bos_id: int | None
 
 
 @dataclass
@@ -70,10 +72,17 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     if config.threads:
         torch.set_num_threads(config.threads)
     lm = load_model(config, ranks.local_rank)
-    windowing = resolve_windowing(config, lm.context_length, lm.bos_id)
+    windowing = resolve_windowing(config, lm)
+    docs = prepare(docs, windowing)
     token_ids = tokenize(lm.tokenizer, docs, windowing)
     # Scored tokens per document; 0 for the skipped: empty, whitespace-only or (no BOS) one token.
-    sizes = [len(ids) - 1 if doc.text.strip() and len(ids) >= 2 else 0 for doc, ids in zip(docs, token_ids)]
+    sizes = [scored_tokens(doc, ids, windowing) for doc, ids in zip(docs, token_ids)]
+    if windowing.convention == "llama-cpp" and len(token_ids[0]) < 2 * windowing.window:
+        raise PplError(
+            f"the llama-cpp convention needs at least 2 x window = {2 * windowing.window} tokens, as"
+            f" llama-perplexity does; the text has {len(token_ids[0])}",
+            EXIT_DATA,
+        )
     shard = list(range(len(docs)))
     if config.shard:
         shard = select(shard, sizes, *parse_shard(config.shard))
@@ -84,7 +93,9 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     scorer = Scorer(lm.model, lm.device, config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window))
     scoring_started = time.perf_counter()
     mine_kept = [i for i in mine if sizes[i]]
-    results, scored_now = score_corpus(scorer, docs, token_ids, mine_kept, done, windowing, run_dir, progress and ranks.main)
+    results, scored_now = score_corpus(
+        scorer, docs, token_ids, sizes, mine_kept, done, windowing, run_dir, progress and ranks.main
+    )
     scoring_time = time.perf_counter() - scoring_started
 
     gathered = ranks.gather((results, scored_now))
@@ -113,6 +124,8 @@ def begin_run(run_dir, ranks, config, model_info, data_info, windowing) -> dict[
         "dtype": model_info["dtype"],
         "data": data_info["fingerprint"],
         "shard": config.shard,
+        "convention": windowing.convention,
+        "detokenize": windowing.detokenize,
         "window": windowing.window,
         "stride": windowing.stride,
         "add_bos": windowing.add_bos,
@@ -129,13 +142,13 @@ def begin_run(run_dir, ranks, config, model_info, data_info, windowing) -> dict[
     return status[1]
 
 
-def score_corpus(scorer, docs, token_ids, kept, done, windowing, run_dir, progress) -> tuple[dict[int, dict], int]:
+def score_corpus(scorer, docs, token_ids, sizes, kept, done, windowing, run_dir, progress) -> tuple[dict[int, dict], int]:
     """Score the kept documents not yet done, a group at a time, appending each group's results.
 
     SIGINT/SIGTERM stop the run after the current batch: finished groups are already on disk.
     """
-    bar = progress_bar(sum(len(token_ids[i]) - 1 for i in kept), progress)
-    bar.update(sum(len(token_ids[i]) - 1 for i in kept if i in done))
+    bar = progress_bar(sum(sizes[i] for i in kept), progress)
+    bar.update(sum(sizes[i] for i in kept if i in done))
     results, scored_now = dict(done), 0
     with stop_signals() as stop:
 
@@ -148,9 +161,9 @@ def score_corpus(scorer, docs, token_ids, kept, done, windowing, run_dir, progre
             for group in document_groups(kept, token_ids, scorer.max_batch_tokens * GROUP_BATCHES):
                 if all(i in done for i in group):
                     continue  # finished by an earlier run; skipping whole groups keeps the batch plan identical
-                nll = score_documents(scorer, [token_ids[i] for i in group], windowing, on_tokens)
-                scored_now += sum(len(token_ids[i]) - 1 for i in group)
-                fresh = [document_result(i, docs[i], len(token_ids[i]) - 1, nll) for i, nll in zip(group, nll)]
+                scores = score_documents(scorer, [token_ids[i] for i in group], windowing, on_tokens)
+                scored_now += sum(sizes[i] for i in group)
+                fresh = [document_result(i, docs[i], scored, windowing) for i, scored in zip(group, scores)]
                 fresh = [row for row in fresh if row["index"] not in done]
                 results.update((row["index"], row) for row in fresh)
                 if run_dir:
@@ -196,15 +209,42 @@ def stop_signals() -> Iterator[StopRequest]:
             signal.signal(sig, old)
 
 
-def resolve_windowing(config: Config, context_length: int | None, bos_id: int | None) -> Windowing:
-    window = config.window or min(context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
-    if context_length and window > context_length:
-        raise PplError(f"--window {window} is larger than the model's context length ({context_length})")
+def resolve_windowing(config: Config, lm) -> Windowing:
+    convention = config.convention
+    window = config.window or min(lm.context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+    if lm.context_length and window > lm.context_length:
+        raise PplError(f"--window {window} is larger than the model's context length ({lm.context_length})")
     stride = config.stride or max(1, window // 2)
-    add_bos = config.add_bos if config.add_bos is not None else bos_id is not None
-    if add_bos and bos_id is None:
+    if convention in ("hf-recipe", "lm-eval") and config.add_bos is not None:
+        rule = "never adds special tokens" if convention == "hf-recipe" else "always prefixes its prefix token"
+        raise PplError(f"--add-bos/--no-add-bos do not apply to --convention {convention}: it {rule}")
+    if convention == "sliding":
+        add_bos = config.add_bos if config.add_bos is not None else lm.bos_id is not None
+    elif convention == "llama-cpp":  # llama.cpp adds BOS when the model's tokenizer does by default
+        add_bos = config.add_bos if config.add_bos is not None else tokenizer_adds_bos(lm.tokenizer)
+    else:
+        add_bos = False
+    if add_bos and lm.bos_id is None:
         raise PplError("--add-bos: this tokenizer defines no BOS or end-of-text token")
-    return Windowing(window, stride, add_bos, bos_id if add_bos else None)
+    prefix_id = None
+    if convention == "lm-eval":  # lm-eval's prefix_token_id: BOS, else EOS
+        tok = lm.tokenizer
+        prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if prefix_id is None:
+            raise PplError("--convention lm-eval: this tokenizer has neither a BOS nor an EOS token to prefix")
+    bos_id = lm.bos_id if add_bos else None
+    return Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def scored_tokens(doc: Document, ids, windowing: Windowing) -> int:
+    if not doc.text.strip():
+        return 0
+    return sum(w.end - w.score_from for w in windows(len(ids), windowing))
 
 
 def default_batch_tokens(device, window: int) -> int:
@@ -214,7 +254,7 @@ def default_batch_tokens(device, window: int) -> int:
 
 
 def tokenize(tokenizer, docs: list[Document], windowing: Windowing) -> list[np.ndarray]:
-    """Each document on its own, without the tokenizer's special tokens, BOS prepended if asked.
+    """Each document on its own, without the tokenizer's special tokens, the convention's prefix first.
 
     Ids are kept as int32 arrays (4 bytes a token, not a Python int's 28+8) so a large corpus fits.
     """
@@ -225,9 +265,9 @@ def tokenize(tokenizer, docs: list[Document], windowing: Windowing) -> list[np.n
     try:
         ids = []
         for start in range(0, len(docs), TOKENIZE_BATCH):
-            texts = [doc.text for doc in docs[start : start + TOKENIZE_BATCH]]
-            prefix = [windowing.bos_id] if windowing.add_bos else []
-            ids += [np.array(prefix + doc_ids, dtype=np.int32) for doc_ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            texts = [text_to_score(doc.text, windowing) for doc in docs[start : start + TOKENIZE_BATCH]]
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            ids += [np.array(prefix(windowing) + doc_ids, dtype=np.int32) for doc_ids in encoded]
     finally:
         transformers.logging.set_verbosity(verbosity)
     return ids
@@ -246,26 +286,52 @@ def document_groups(indices: list[int], token_ids: list[np.ndarray], budget: int
         yield group
 
 
-def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens) -> list[float]:
-    """NLL sum of each token sequence under the sliding-window rule."""
+def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens) -> list[list[tuple]]:
+    """For each token sequence, its windows with their NLL sum and sum of squares, in order."""
     import torch
 
     from .scorer import Job
 
-    jobs, owner = [], []
+    replacement = first_token_replacement(windowing)
+    jobs, owners = [], []
     for d, ids in enumerate(sequences):
         tokens = torch.as_tensor(ids, dtype=torch.long)  # [n]
-        for w in sliding_windows(len(ids), windowing.window, windowing.stride):
-            jobs.append(Job(tokens[w.begin : w.end], w.score_from - w.begin))
-            owner.append(d)
-    sums = [0.0] * len(sequences)
-    for d, nll in zip(owner, scorer.score(jobs, on_tokens)):
-        sums[d] += nll
-    return sums
+        for w in windows(len(ids), windowing):
+            span = tokens[w.begin : w.end]
+            if replacement is not None:
+                span = span.clone()
+                span[0] = replacement
+            jobs.append(Job(span, w.score_from - w.begin))
+            owners.append((d, w))
+    scored: list[list[tuple]] = [[] for _ in sequences]
+    for (d, w), (nll, nll_sq) in zip(owners, scorer.score(jobs, on_tokens)):
+        scored[d].append((w, nll, nll_sq))
+    return scored
 
 
-def document_result(index: int, doc: Document, tokens: int, nll_sum: float) -> dict:
-    return {"index": index, "id": doc.id, **unit_metrics(nll_sum, tokens, count_words(doc.text), count_bytes(doc.text))}
+def document_result(index: int, doc: Document, scored: list[tuple], windowing: Windowing) -> dict:
+    """A document's metrics; word and byte counts always come from the original text."""
+    nll = sum(s for _, s, _ in scored)
+    tokens = sum(w.end - w.score_from for w, _, _ in scored)
+    words = count_words(doc.text, windowing)
+    row = {"index": index, "id": doc.id, **unit_metrics(nll, tokens, words, count_bytes(doc.text))}
+    if windowing.convention == "hf-recipe":
+        row.update(published_normalisation(scored))
+    if windowing.convention == "llama-cpp":
+        row["nll_sq_sum"] = sum(sq for _, _, sq in scored)
+    return row
+
+
+def published_normalisation(scored: list[tuple]) -> dict:
+    """The guide's sum: each window's mean loss times (valid labels - 1), valid labels counted
+    before the model's internal shift, so every window after the first loses one token."""
+    nll, tokens, prev_end = 0.0, 0, 0
+    for w, window_nll, _ in scored:
+        valid = min(w.end - prev_end, w.end - w.begin)
+        nll += window_nll / (w.end - w.score_from) * (valid - 1)
+        tokens += valid - 1
+        prev_end = w.end
+    return {"published_nll_sum": nll, "published_tokens": tokens}
 
 
 def build_summary(config, documents, skipped, model_info, data_info, windowing, wall, scored_now, scoring_time) -> dict:
@@ -274,7 +340,8 @@ def build_summary(config, documents, skipped, model_info, data_info, windowing, 
         **metrics,
         "documents": len(documents),
         "skipped_documents": skipped,
-        "windowing": {"window": windowing.window, "stride": windowing.stride, "add_bos": windowing.add_bos},
+        "windowing": windowing.describe(),
+        **convention_summary(documents, windowing.convention),
         "model": model_info,
         "data": data_info,
         "config": config.to_dict(),

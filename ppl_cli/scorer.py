@@ -41,9 +41,9 @@ class Scorer:
         # Models that post-process logits (soft-capping, scaling) need the full forward.
         self.split_head = head_reproduces_logits(model, device)
 
-    def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[float]:
-        """NLL sum (nats, float64) of each job's scored tokens, in the order given."""
-        totals = [0.0] * len(jobs)
+    def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
+        """(NLL sum, sum of squared per-token NLLs) of each job's scored tokens, in nats, float64."""
+        totals = [(0.0, 0.0)] * len(jobs)
         for batch in plan_batches([len(job.tokens) - 1 for job in jobs], self.max_batch_tokens):
             for index, nll in zip(batch, self.score_batch([jobs[i] for i in batch])):
                 totals[index] = nll
@@ -51,7 +51,7 @@ class Scorer:
                 on_tokens(sum(len(jobs[i].tokens) - jobs[i].context for i in batch))
         return totals
 
-    def score_batch(self, jobs: list[Job]) -> list[float]:
+    def score_batch(self, jobs: list[Job]) -> list[tuple[float, float]]:
         """Score one batch; on CUDA out-of-memory, score it in halves (same numbers, smaller batches)."""
         try:
             with torch.inference_mode():
@@ -65,7 +65,7 @@ class Scorer:
             self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
             return self.score_batch(jobs[:half]) + self.score_batch(jobs[half:])
 
-    def forward(self, jobs: list[Job]) -> list[float]:
+    def forward(self, jobs: list[Job]) -> list[tuple[float, float]]:
         width = max(len(job.tokens) for job in jobs) - 1  # the last token is only a target
         inputs = torch.full((len(jobs), width), PAD_ID, dtype=torch.long)
         rows, targets, owner = [], [], []
@@ -92,9 +92,10 @@ class Scorer:
                 " (overflow?); rerun with --dtype float32",
                 EXIT_NUMERIC,
             )
-        sums = torch.zeros(len(jobs), dtype=torch.float64, device=nll.device)
-        sums.index_add_(0, owner, nll.double())
-        return sums.tolist()
+        nll = nll.double()
+        sums = torch.zeros(len(jobs), 2, dtype=torch.float64, device=nll.device)  # [B, (sum, sum of squares)]
+        sums.index_add_(0, owner, torch.stack([nll, nll * nll], dim=1))
+        return [tuple(row) for row in sums.tolist()]
 
 
 def token_nll(rows: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:

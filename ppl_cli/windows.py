@@ -43,3 +43,51 @@ def sliding_windows(n: int, window: int, stride: int) -> list[Window]:
 def scored_token_count(n: int) -> int:
     """Tokens that sliding_windows scores in a sequence of n tokens."""
     return max(n - 1, 0)
+
+
+def recipe_windows(n: int, window: int, stride: int) -> list[Window]:
+    """The Hugging Face guide's windows as published, for any stride.
+
+    Windows begin at 0, S, 2S, ... and score the tokens after the previous window's end. With
+    S >= W the guide masks nothing, so each window scores all but its first token and the tokens
+    between windows are never scored; that is reproduced, not corrected.
+    """
+    windows, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        score_from = max(prev_end, begin + 1)
+        if score_from < end:
+            windows.append(Window(begin, end, score_from))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+def lm_eval_windows(n: int, max_length: int) -> list[Window]:
+    """lm-evaluation-harness's rolling windows (get_rolling_token_windows, context_len=1, made
+    disjoint) over a sequence of n tokens whose first is the prefix token.
+
+    Each forward pass reads max_length tokens and scores up to max_length: the first window all
+    tokens after the prefix, the next ones max_length tokens with one token of context, and the
+    last, shorter one with as much context as fills the window.
+    """
+    predictions = n - 1  # every token after the prefix
+    if predictions <= 0:
+        return []
+    first = min(max_length, predictions)
+    windows = [Window(0, first + 1, 1)]
+    predicted = first
+    while predicted < predictions:
+        length = min(predictions - predicted, max_length)
+        end = predicted + length  # in prediction positions; +1 in sequence positions
+        windows.append(Window(end - max_length, end + 1, end - length + 1))
+        predicted = end
+    return windows
+
+
+def llama_cpp_windows(n: int, ctx: int) -> list[Window]:
+    """llama-perplexity's chunks: floor(n / ctx) disjoint chunks of ctx tokens (the tail is
+    dropped), each scoring only its tokens after position ctx/2, i.e. ctx - 1 - ctx/2 tokens."""
+    first = ctx // 2
+    return [Window(k * ctx, (k + 1) * ctx, k * ctx + first + 1) for k in range(n // ctx)]

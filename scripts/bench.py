@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ppl_cli import Config  # noqa: E402
 from ppl_cli.documents import load_documents  # noqa: E402
 from ppl_cli.model import load_model  # noqa: E402
-from ppl_cli.pipeline import Windowing, default_batch_tokens, score_documents  # noqa: E402
+from ppl_cli.conventions import Windowing  # noqa: E402
+from ppl_cli.pipeline import default_batch_tokens, score_documents  # noqa: E402
 from ppl_cli.scorer import Scorer  # noqa: E402
 from ppl_cli.windows import sliding_windows  # noqa: E402
 
@@ -60,11 +61,11 @@ def main() -> None:
 
     rows = [measure("hf-recipe", "float32", lm, lambda: hf_recipe(lm.model, ids, args.window, args.stride, lm.device))]
     baseline = rows[0]
-    windowing = Windowing(args.window, args.stride, False, None)
+    windowing = Windowing("sliding", args.window, args.stride, False, None)
     for dtype in args.dtypes.split(","):
         lm.model.to(getattr(torch, dtype))
         scorer = Scorer(lm.model, lm.device, args.max_batch_tokens or default_batch_tokens(lm.device, args.window))
-        rows.append(measure("ppl-eval", dtype, lm, lambda: (score_documents(scorer, [ids], windowing, None)[0], len(ids) - 1)))
+        rows.append(measure("ppl-eval", dtype, lm, lambda: (document_nll(scorer, ids, windowing), len(ids) - 1)))
 
     windows = sliding_windows(len(ids), args.window, args.stride)
     through = {"hf-recipe": sum(w.end - w.begin for w in windows), "ppl-eval": sum(w.end - w.begin - 1 for w in windows)}
@@ -85,6 +86,10 @@ def main() -> None:
         print(json.dumps({"tokens": len(ids), "peaks_gflops": peaks, "rows": rows, "args": vars(args)}, indent=2))
     else:
         print_table(rows)
+
+
+def document_nll(scorer, ids, windowing) -> float:
+    return sum(nll for _, nll, _ in score_documents(scorer, [ids], windowing, None)[0])
 
 
 def hf_recipe(model, ids, max_length, stride, device):

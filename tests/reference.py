@@ -47,3 +47,65 @@ def rolling_disjoint(model, ids: list[int], max_length: int) -> tuple[float, int
         logprobs = token_logprobs(model, window)
         nll_sum -= logprobs.sum().item()
     return nll_sum, len(targets)
+
+
+def lm_eval_rolling(model, tokens: list[int], prefix_token: int, max_seq_len: int) -> float:
+    """lm-evaluation-harness's loglikelihood_rolling for one document, ported line by line:
+    get_rolling_token_windows(context_len=1) + make_disjoint_window, then each window scored
+    with input (context + continuation)[-(max_seq_len + 1):][:-1]. Returns the log-likelihood."""
+    pairs = []
+    pred_len = max_seq_len
+    predicted = 0
+    first_seq_len = min(max_seq_len, len(tokens))
+    pairs.append(([prefix_token] + tokens[: first_seq_len - 1], tokens[:first_seq_len]))
+    predicted += first_seq_len
+    while predicted < len(tokens):
+        window_pred_len = min(len(tokens) - predicted, pred_len)
+        window_end = predicted + window_pred_len
+        pairs.append((tokens[window_end - max_seq_len - 1 : window_end - 1], tokens[window_end - window_pred_len : window_end]))
+        predicted += window_pred_len
+    total = 0.0
+    for a, b in pairs:
+        context = a[: len(a) - (len(b) - 1)]  # make_disjoint_window
+        whole = (context + b)[-(max_seq_len + 1) :]
+        logprobs = token_logprobs(model, whole)  # predictions for whole[1:]
+        total += logprobs[-len(b) :].sum().item()
+    return total
+
+
+def llama_cpp_chunks(model, tokens: list[int], n_ctx: int, bos: int | None) -> tuple[float, float, int]:
+    """llama-perplexity's loop: chunks of n_ctx, BOS over the first token if the model adds one,
+    tokens after n_ctx/2 scored. Returns (nll sum, nll squared sum, count)."""
+    first = n_ctx // 2
+    nll = nll2 = 0.0
+    count = 0
+    for i in range(len(tokens) // n_ctx):
+        chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
+        if bos is not None:
+            chunk = [bos] + chunk[1:]
+        logprobs = token_logprobs(model, chunk)[first:]  # predictions of chunk[first + 1:]
+        nll -= logprobs.sum().item()
+        nll2 += (logprobs**2).sum().item()
+        count += n_ctx - first - 1
+    return nll, nll2, count
+
+
+def hf_guide_published(model, ids: list[int], max_length: int, stride: int) -> tuple[float, int]:
+    """The guide's own normalisation: mean loss of each window times (valid labels - batch size)."""
+    input_all = torch.tensor([ids])
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, len(ids), stride):
+        end_loc = min(begin_loc + max_length, len(ids))
+        trg_len = end_loc - prev_end_loc
+        input_ids = input_all[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss.item()
+        num_loss_tokens = int((target_ids != -100).sum()) - 1
+        nll_sum += loss * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == len(ids):
+            break
+    return nll_sum, n_tokens

@@ -11,7 +11,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from ppl_cli.pipeline import Windowing, score_documents
+    from ppl_cli.conventions import Windowing
+    from ppl_cli.pipeline import score_documents
     from ppl_cli.scorer import Scorer
 
     vocab, n = int(sys.argv[1]), int(sys.argv[2])
@@ -20,11 +21,11 @@ SCRIPT = textwrap.dedent(
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
     model = LlamaForCausalLM(config).eval()
     scorer = Scorer(model, torch.device("cpu"), max_batch_tokens=1024)
-    windowing = Windowing(window=512, stride=256, add_bos=False, bos_id=None)
+    windowing = Windowing("sliding", window=512, stride=256, add_bos=False, bos_id=None)
     ids = torch.randint(0, vocab, (n,))
     score_documents(scorer, [ids[:2048]], windowing, None)  # warm up: every buffer size once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    nll = score_documents(scorer, [ids], windowing, None)[0]
+    nll = sum(s for _, s, _ in score_documents(scorer, [ids], windowing, None)[0])
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"growth_mb": (after - before) / 1024, "nll_per_token": nll / (n - 1)}))
     """
