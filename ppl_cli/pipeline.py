@@ -301,7 +301,9 @@ def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens
             if replacement is not None:
                 span = span.clone()
                 span[0] = replacement
-            jobs.append(Job(span, w.score_from - w.begin))
+            # Read the whole span when it fits the window (the recipe's shape); lm-eval's spans are
+            # window + 1 tokens, of which the model reads the first `window`, as lm-eval does.
+            jobs.append(Job(span, w.score_from - w.begin, min(len(span), windowing.window)))
             owners.append((d, w))
     scored: list[list[tuple]] = [[] for _ in sequences]
     for (d, w), (nll, nll_sq) in zip(owners, scorer.score(jobs, on_tokens)):

@@ -22,10 +22,20 @@ PAD_ID = 0  # right padding is never attended to by real tokens under a causal m
 
 
 class Job(NamedTuple):
-    """One forward pass: the window's tokens, of which tokens[context:] are scored."""
+    """One forward pass: the window's tokens, of which tokens[context:] are scored.
+
+    The model reads tokens[:reads]: at least all but the last (a target only). Reading the last
+    one too, as the HF recipe does, changes no score but keeps the pass the recipe's exact shape,
+    so float32 kernels round the same way.
+    """
 
     tokens: torch.Tensor  # [m] int64, the window span t[begin:end]
     context: int  # score_from - begin, at least 1
+    reads: int  # m - 1 or m
+
+    @property
+    def scored(self) -> int:
+        return len(self.tokens) - self.context
 
 
 class Scorer:
@@ -44,11 +54,11 @@ class Scorer:
     def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
         """(NLL sum, sum of squared per-token NLLs) of each job's scored tokens, in nats, float64."""
         totals = [(0.0, 0.0)] * len(jobs)
-        for batch in plan_batches([len(job.tokens) - 1 for job in jobs], self.max_batch_tokens):
+        for batch in plan_batches([job.reads for job in jobs], self.max_batch_tokens):
             for index, nll in zip(batch, self.score_batch([jobs[i] for i in batch])):
                 totals[index] = nll
             if on_tokens:
-                on_tokens(sum(len(jobs[i].tokens) - jobs[i].context for i in batch))
+                on_tokens(sum(jobs[i].scored for i in batch))
         return totals
 
     def score_batch(self, jobs: list[Job]) -> list[tuple[float, float]]:
@@ -66,12 +76,12 @@ class Scorer:
             return self.score_batch(jobs[:half]) + self.score_batch(jobs[half:])
 
     def forward(self, jobs: list[Job]) -> list[tuple[float, float]]:
-        width = max(len(job.tokens) for job in jobs) - 1  # the last token is only a target
+        width = max(job.reads for job in jobs)
         inputs = torch.full((len(jobs), width), PAD_ID, dtype=torch.long)
         rows, targets, owner = [], [], []
         for b, job in enumerate(jobs):
             m = len(job.tokens)
-            inputs[b, : m - 1] = job.tokens[:-1]
+            inputs[b, : job.reads] = job.tokens[: job.reads]
             # Position p predicts token p + 1: scored tokens [context, m) come from [context - 1, m - 1).
             rows.append(torch.arange(b * width + job.context - 1, b * width + m - 1))
             targets.append(job.tokens[job.context :])

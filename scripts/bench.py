@@ -68,7 +68,7 @@ def main() -> None:
         rows.append(measure("ppl-eval", dtype, lm, lambda: (document_nll(scorer, ids, windowing), len(ids) - 1)))
 
     windows = sliding_windows(len(ids), args.window, args.stride)
-    through = {"hf-recipe": sum(w.end - w.begin for w in windows), "ppl-eval": sum(w.end - w.begin - 1 for w in windows)}
+    through = sum(w.end - w.begin for w in windows)  # both read whole windows
     flops = {
         "hf-recipe": forward_flops(lm.model, windows, recipe=True),
         "ppl-eval": forward_flops(lm.model, windows, recipe=False),
@@ -77,7 +77,7 @@ def main() -> None:
     for row in rows:
         seconds = row.pop("seconds")
         row["scored_tokens_per_s"] = row["tokens"] / seconds
-        row["through_tokens_per_s"] = through[row["engine"]] / seconds
+        row["through_tokens_per_s"] = through / seconds
         row["gflop_per_s"] = flops[row["engine"]] / seconds / 1e9
         row["fraction_of_peak"] = row["gflop_per_s"] / peaks.get(row["dtype"], math.nan)
         row["speedup"] = row["scored_tokens_per_s"] / baseline_rate
@@ -142,7 +142,7 @@ def forward_flops(model, windows, recipe: bool) -> float:
     layers, d = config.num_hidden_layers, config.hidden_size
     total = 0.0
     for w in windows:
-        length = w.end - w.begin - (0 if recipe else 1)
+        length = w.end - w.begin
         head_rows = length if recipe else w.end - w.score_from
         total += 2 * body * length + 2 * layers * length * length * d + 2 * head.shape[0] * head.shape[1] * head_rows
     return total

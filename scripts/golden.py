@@ -72,11 +72,12 @@ def process_results(doc, results):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lm-eval-python", required=True, help="a Python with lm-eval[hf] 0.4.13 installed")
-    parser.add_argument("--llama-perplexity", required=True, help="the llama-perplexity binary")
+    parser.add_argument("--lm-eval-python", help="a Python with lm-eval[hf] 0.4.13 installed")
+    parser.add_argument("--llama-perplexity", help="the llama-perplexity binary")
     parser.add_argument("--articles", type=int, default=3)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--only", choices=["hf-recipe"], help="recompute one tool's values, keep the rest")
     args = parser.parse_args()
 
     docs, _ = load_documents(Config(data=str(DATA), limit=args.articles))
@@ -89,11 +90,14 @@ def main() -> None:
         "window": args.window,
         "stride": args.stride,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        golden["lm-eval"] = run_lm_eval(args, texts, source.location, tmp, detokenize=False)
-        golden["lm-eval-detokenized"] = run_lm_eval(args, texts, source.location, tmp, detokenize=True)
-        golden["llama-cpp"] = run_llama_cpp(args, texts, gguf_path, tmp)
+    if args.only:
+        golden = json.loads(OUT.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            golden["lm-eval"] = run_lm_eval(args, texts, source.location, tmp, detokenize=False)
+            golden["lm-eval-detokenized"] = run_lm_eval(args, texts, source.location, tmp, detokenize=True)
+            golden["llama-cpp"] = run_llama_cpp(args, texts, gguf_path, tmp)
     golden["hf-recipe"] = run_hf_recipe(args, texts, source)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(golden, indent=2) + "\n")
@@ -170,7 +174,9 @@ def run_hf_recipe(args, texts, source) -> dict:
     nll_sum = 0.0
     n_tokens = 0
     prev_end_loc = 0
-    exact_nll, exact_tokens = 0.0, 0  # not in the guide: the exact per-token sum of the same windows
+    # Not in the guide: the exact per-token sum of the same windows, as the loss of each window times
+    # the number of labels it really averages (float32, as the guide computes), and in float64.
+    exact_nll, exact_tokens, float64_nll = 0.0, 0, 0.0
     for begin_loc in range(0, seq_len, stride):
         end_loc = min(begin_loc + max_length, seq_len)
         trg_len = end_loc - prev_end_loc  # may be different from stride on last loop
@@ -193,10 +199,11 @@ def run_hf_recipe(args, texts, source) -> dict:
         nll_sum += neg_log_likelihood * num_loss_tokens
         n_tokens += num_loss_tokens
 
-        logits = outputs.logits[0, :-1].double()
         labels = target_ids[0, 1:]
-        exact_nll += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        exact_nll += neg_log_likelihood.item() * int((labels != -100).sum())
         exact_tokens += int((labels != -100).sum())
+        logits = outputs.logits[0, :-1].double()
+        float64_nll += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
 
         prev_end_loc = end_loc
         if end_loc == seq_len:
@@ -211,6 +218,7 @@ def run_hf_recipe(args, texts, source) -> dict:
         "exact_nll_sum": exact_nll,
         "exact_tokens": exact_tokens,
         "exact_perplexity": math.exp(exact_nll / exact_tokens),
+        "exact_perplexity_float64_softmax": math.exp(float64_nll / exact_tokens),
         "sequence_tokens": seq_len,
     }
 

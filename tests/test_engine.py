@@ -106,7 +106,7 @@ def test_split_head_is_used_and_full_logits_fallback_agrees(tiny_llama):
     scorer = Scorer(model, torch.device("cpu"), 256)
     assert scorer.split_head
     tokens = torch.tensor([5, 9, 30, 2, 77, 13, 8, 41, 3, 99, 12])
-    jobs = [Job(tokens, 1), Job(tokens[:6], 1), Job(tokens[2:], 4)]
+    jobs = [Job(tokens, 1, 10), Job(tokens[:6], 1, 6), Job(tokens[2:], 4, 9)]  # reads: all but the last, or all
     split = scorer.score(jobs)
     scorer.split_head = False
     full = scorer.score(jobs)

@@ -172,7 +172,7 @@ def test_a_non_finite_log_probability_stops_the_run(tiny_llama, tmp_path):
         model.get_output_embeddings().weight.mul_(1e4)  # logits far beyond float16's 65,504
     scorer = Scorer(model, torch.device("cpu"), 64)
     with pytest.raises(PplError, match="non-finite log-probability in float16") as e:
-        scorer.score([Job(torch.arange(2, 20), 1)])
+        scorer.score([Job(torch.arange(2, 20), 1, 18)])
     assert e.value.exit_code == 6
 
 
