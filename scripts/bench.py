@@ -31,7 +31,7 @@ from ppl_cli.model import load_model  # noqa: E402
 from ppl_cli.conventions import Windowing  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens, score_documents  # noqa: E402
 from ppl_cli.scorer import Scorer  # noqa: E402
-from ppl_cli.windows import sliding_windows  # noqa: E402
+from ppl_cli.windows import lm_eval_windows, sliding_windows  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
 
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--articles", type=int, default=6, help="documents joined into the benchmark text")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--convention", choices=["sliding", "lm-eval"], default="sliding",
+                        help="sliding: baseline the HF recipe; lm-eval: baseline lm-eval's own scoring loop")  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="ppl-eval runs, comma-separated")
     parser.add_argument("--max-batch-tokens", type=int, help="default: ppl-eval's default for the device")
@@ -59,19 +61,30 @@ def main() -> None:
     log(f"{args.model} on {len(docs)} documents: {len(ids):,} tokens, window {args.window}, stride {args.stride}")
     log(f"matmul peak on {lm.device}: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()))
 
-    rows = [measure("hf-recipe", "float32", lm, lambda: hf_recipe(lm.model, ids, args.window, args.stride, lm.device))]
+    if args.convention == "lm-eval":
+        prefix = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
+        sequence = [prefix] + ids
+        windowing = Windowing("lm-eval", args.window, args.window, False, None, prefix)
+        windows = lm_eval_windows(len(sequence), args.window)
+        baseline_name = "lm-eval-loop"
+        rows = [measure(baseline_name, "float32", lm, lambda: lm_eval_loop(lm.model, ids, prefix, args.window, lm.device))]
+    else:
+        sequence = ids
+        windowing = Windowing("sliding", args.window, args.stride, False, None)
+        windows = sliding_windows(len(ids), args.window, args.stride)
+        baseline_name = "hf-recipe"
+        rows = [measure(baseline_name, "float32", lm, lambda: hf_recipe(lm.model, ids, args.window, args.stride, lm.device))]
     baseline = rows[0]
-    windowing = Windowing("sliding", args.window, args.stride, False, None)
     for dtype in args.dtypes.split(","):
         lm.model.to(getattr(torch, dtype))
         scorer = Scorer(lm.model, lm.device, args.max_batch_tokens or default_batch_tokens(lm.device, args.window))
-        rows.append(measure("ppl-eval", dtype, lm, lambda: (document_nll(scorer, ids, windowing), len(ids) - 1)))
+        scored = sum(w.end - w.score_from for w in windows)
+        rows.append(measure("ppl-eval", dtype, lm, lambda: (document_nll(scorer, sequence, windowing), scored)))
 
-    windows = sliding_windows(len(ids), args.window, args.stride)
-    through = sum(w.end - w.begin for w in windows)  # both read whole windows
+    through = sum(min(w.end - w.begin, args.window) for w in windows)  # tokens read; same for both
     flops = {
-        "hf-recipe": forward_flops(lm.model, windows, recipe=True),
-        "ppl-eval": forward_flops(lm.model, windows, recipe=False),
+        baseline_name: forward_flops(lm.model, windows, args.window, full_logits=True),
+        "ppl-eval": forward_flops(lm.model, windows, args.window, full_logits=False),
     }
     baseline_rate = baseline["tokens"] / baseline["seconds"]
     for row in rows:
@@ -90,6 +103,32 @@ def main() -> None:
 
 def document_nll(scorer, ids, windowing) -> float:
     return sum(nll for _, nll, _ in score_documents(scorer, [ids], windowing, None)[0])
+
+
+def lm_eval_loop(model, ids, prefix, max_seq_len, device):
+    """lm-evaluation-harness's loglikelihood_rolling at batch size 1, as its HFLM runs it: the
+    rolling windows of utils.get_rolling_token_windows (context_len=1) made disjoint, each scored
+    with F.log_softmax over the model's full logits and a gather of the continuation."""
+    import torch.nn.functional as F
+
+    pairs, predicted = [], 0
+    first = min(max_seq_len, len(ids))
+    pairs.append(([prefix] + ids[: first - 1], ids[:first]))
+    predicted += first
+    while predicted < len(ids):
+        window_pred_len = min(len(ids) - predicted, max_seq_len)
+        window_end = predicted + window_pred_len
+        pairs.append((ids[window_end - max_seq_len - 1 : window_end - 1], ids[window_end - window_pred_len : window_end]))
+        predicted += window_pred_len
+    loglikelihood = 0.0
+    for context, continuation in pairs:
+        context = context[: len(context) - (len(continuation) - 1)]
+        inp = torch.tensor([(context + continuation)[-(max_seq_len + 1) :][:-1]], device=device)
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(inp).logits, dim=-1)[0, -len(continuation) :]  # [cont, V]
+        target = torch.tensor(continuation, device=device).unsqueeze(-1)
+        loglikelihood += torch.gather(logprobs, 1, target).sum().item()
+    return -loglikelihood, len(ids)
 
 
 def hf_recipe(model, ids, max_length, stride, device):
@@ -132,9 +171,9 @@ def measure(engine, dtype, lm, run):
     return row
 
 
-def forward_flops(model, windows, recipe: bool) -> float:
-    """Matmul FLOPs: 2 x body parameters per token, causal attention 2 x L^2 x d per layer, and the
-    LM head 2 x d x V on every position (recipe) or only on scored positions (ppl-eval)."""
+def forward_flops(model, windows, window: int, full_logits: bool) -> float:
+    """Matmul FLOPs: 2 x body parameters per token read, causal attention 2 x L^2 x d per layer, and
+    the LM head 2 x d x V on every position read (the baselines) or only on scored ones (ppl-eval)."""
     config = model.config.get_text_config()
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
@@ -142,8 +181,8 @@ def forward_flops(model, windows, recipe: bool) -> float:
     layers, d = config.num_hidden_layers, config.hidden_size
     total = 0.0
     for w in windows:
-        length = w.end - w.begin
-        head_rows = length if recipe else w.end - w.score_from
+        length = min(w.end - w.begin, window)
+        head_rows = length if full_logits else w.end - w.score_from
         total += 2 * body * length + 2 * layers * length * length * d + 2 * head.shape[0] * head.shape[1] * head_rows
     return total
 
