@@ -18,6 +18,7 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     group: Any = None  # the gloo process group, when world > 1
+    owned: bool = False  # this module started the process group, so it ends it
 
     @property
     def main(self) -> bool:
@@ -57,13 +58,15 @@ def start() -> Ranks:
         return Ranks()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()  # a caller's own process group is used as it is, and left running
+    if owned:
         dist.init_process_group(backend="gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.group.WORLD)
+    group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), group, owned)
 
 
 def stop(ranks: Ranks) -> None:
-    if ranks.world > 1:
+    if ranks.owned:
         import torch.distributed as dist
 
         if dist.is_initialized():
