@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from .documents import Document
+from . import metrics
 from .metrics import perplexity
 from .windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows, sliding_windows
 
@@ -82,7 +83,7 @@ def count_words(text: str, windowing: Windowing) -> int:
     the empty strings before leading and after trailing whitespace."""
     if windowing.convention == "lm-eval":
         return len(re.split(r"\s+", text))
-    return len(text.split())
+    return metrics.count_words(text)
 
 
 def wikitext_detokenize(string: str) -> str:
