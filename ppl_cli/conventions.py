@@ -35,6 +35,13 @@ class Windowing:
     def joins_documents(self) -> bool:
         return self.convention in ("hf-recipe", "llama-cpp")
 
+    @classmethod
+    def from_description(cls, d: dict) -> Windowing:
+        """The inverse of describe(), as summary.json holds it (without the token ids it omits)."""
+        return cls(
+            d["convention"], d["window"], d["stride"], d["add_bos"], None, d.get("prefix_token_id"), d.get("detokenize", "none")
+        )
+
     def describe(self) -> dict:
         out = {"convention": self.convention, "window": self.window, "stride": self.stride, "add_bos": self.add_bos}
         if self.prefix_id is not None:

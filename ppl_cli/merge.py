@@ -13,7 +13,7 @@ from .config import Config
 from .errors import EXIT_DATA, PplError
 from .conventions import Windowing
 from .pipeline import Result, build_summary
-from .reports import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, RunDirectory, read_lines
+from .reports import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, RunDirectory, differing_key, read_lines
 from .sharding import parse_shard
 
 
@@ -21,14 +21,13 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
     shards = [read_shard(Path(d)) for d in dirs]
     first = shards[0]
     for shard in shards[1:]:
-        keys = [*first["identity"], *(k for k in shard["identity"] if k not in first["identity"])]
-        for key in keys:  # in run.json's order: model, ..., data, shard, window, stride, add_bos
-            if key != "shard" and first["identity"].get(key) != shard["identity"].get(key):
-                raise PplError(
-                    f"{shard['dir']} and {first['dir']} come from different runs: {key} differs"
-                    f" ({shard['identity'].get(key)!r} vs {first['identity'].get(key)!r})",
-                    EXIT_DATA,
-                )
+        key = differing_key(first["identity"], shard["identity"], skip="shard")
+        if key:
+            raise PplError(
+                f"{shard['dir']} and {first['dir']} come from different runs: {key} differs"
+                f" ({shard['identity'].get(key)!r} vs {first['identity'].get(key)!r})",
+                EXIT_DATA,
+            )
     counts = {shard["count"] for shard in shards}
     if len(counts) > 1:
         raise PplError(f"the shards split the data differently: into {sorted(counts)} parts", EXIT_DATA)
@@ -46,10 +45,7 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
     documents = sorted((row for shard in shards for row in shard["documents"].values()), key=lambda row: row["index"])
     summaries = [shard["summary"] for shard in shards]
     config = Config(**{**first["summary"]["config"], "shard": None, "output": output, "overwrite": overwrite})
-    w = first["summary"]["windowing"]
-    windowing = Windowing(
-        w["convention"], w["window"], w["stride"], w["add_bos"], None, w.get("prefix_token_id"), w.get("detokenize", "none")
-    )
+    windowing = Windowing.from_description(first["summary"]["windowing"])
     data_info = {k: v for k, v in first["summary"]["data"].items() if k != "shard"}
     data_info["shards"] = {"count": count, "merged": sorted(by_index), "missing": missing, "complete": not missing}
     summary = build_summary(

@@ -159,12 +159,19 @@ def load_model(config: Config, local_rank: int = 0) -> LoadedModel:
     return LoadedModel(model, tokenizer, device, dtype, context, bos_token_id(tokenizer), info)
 
 
+def probe_ids(vocab: int, device):
+    """[1, 8] arbitrary valid token ids for the load-time probes of a model."""
+    import torch
+
+    return (torch.arange(8) * 7919 % vocab).unsqueeze(0).to(device)
+
+
 def is_causal(model, device) -> bool:
     """Change the last token of a probe input: a causal LM's earlier logits must not move."""
     import torch
 
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 2
-    probe = (torch.arange(8) * 7919 % vocab).unsqueeze(0).to(device)  # [1, 8] arbitrary valid ids
+    probe = probe_ids(vocab, device)
     changed = probe.clone()
     changed[0, -1] = (changed[0, -1] + 1) % vocab
     with torch.inference_mode():

@@ -58,23 +58,26 @@ class RunDirectory:
             previous = json.loads(run_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise PplError(f"{run_file} is unreadable; use --overwrite to start afresh", EXIT_OUTPUT) from None
-        for key, value in identity.items():
-            if previous.get(key) != value:
-                raise PplError(
-                    f"{self.path} holds a run with a different {key} ({previous.get(key)!r}, now {value!r});"
-                    " use --overwrite to replace it or another -o",
-                    EXIT_OUTPUT,
-                )
+        key = differing_key(identity, previous)
+        if key:
+            raise PplError(
+                f"{self.path} holds a run with a different {key} ({previous.get(key)!r}, now {identity.get(key)!r});"
+                " use --overwrite to replace it or another -o",
+                EXIT_OUTPUT,
+            )
         return self.finished_documents()
 
+    def rank_files(self) -> list[Path]:
+        """documents.rank-R.jsonl of an unfinished torchrun run."""
+        return sorted(self.path.glob(f"{RANK_PREFIX}*.jsonl"))
+
     def own_files(self) -> list[Path]:
-        names = [self.path / name for name in OWN_FILES] + sorted(self.path.glob(f"{RANK_PREFIX}*.jsonl"))
-        return [p for p in names if p.exists()]
+        return [p for p in [self.path / name for name in OWN_FILES] + self.rank_files() if p.exists()]
 
     def finished_documents(self) -> dict[int, dict]:
         """Documents in documents.jsonl and the ranks' files of an interrupted torchrun run."""
         done = {}
-        for path in [self.path / DOCUMENTS_FILE, *sorted(self.path.glob(f"{RANK_PREFIX}*.jsonl"))]:
+        for path in [self.path / DOCUMENTS_FILE, *self.rank_files()]:
             if path.exists():
                 done.update(read_lines(path))
         return done
@@ -89,10 +92,18 @@ class RunDirectory:
     def finish(self, summary: dict, documents: list[dict]) -> None:
         """Rewrite documents.jsonl in input order, then the CSV and the summary, each atomically."""
         write_atomic(self.path / DOCUMENTS_FILE, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
-        for part in self.path.glob(f"{RANK_PREFIX}*.jsonl"):
+        for part in self.rank_files():
             part.unlink()
         write_atomic(self.path / CSV_FILE, documents_csv(documents))
         write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+
+def differing_key(a: dict, b: dict, skip: str | None = None) -> str | None:
+    """The first key (in a's order, then b's) whose value differs between two run identities."""
+    for key in [*a, *(k for k in b if k not in a)]:
+        if key != skip and a.get(key) != b.get(key):
+            return key
+    return None
 
 
 def read_lines(path: Path) -> dict[int, dict]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .attention import use_blocked_attention
 from .errors import EXIT_MODEL, EXIT_NUMERIC, PplError
+from .model import probe_ids
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per head chunk: 64 MiB in float32
 PAD_ID = 0  # right padding is never attended to by real tokens under a causal mask
@@ -45,7 +46,7 @@ class Scorer:
         self.max_batch_tokens = max_batch_tokens
         self.decoder = model.base_model
         self.head = model.get_output_embeddings()
-        self.blocked_attention = use_blocked_attention(model)  # bfloat16 on CPU only
+        use_blocked_attention(model)  # bfloat16 on CPU only
         if device.type == "cpu":
             keep_freed_memory()
         # Models that post-process logits (soft-capping, scaling) need the full forward.
@@ -161,7 +162,7 @@ def head_reproduces_logits(model, device) -> bool:
     if head is None or not hasattr(model, "base_model") or model.base_model is model:
         return False
     vocab = head.weight.shape[0]
-    probe = (torch.arange(8) * 7919 % vocab).unsqueeze(0).to(device)  # [1, 8] arbitrary valid ids
+    probe = probe_ids(vocab, device)
     with torch.inference_mode():
         try:
             hidden = model.base_model(input_ids=probe, use_cache=False).last_hidden_state
