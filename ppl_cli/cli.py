@@ -6,18 +6,21 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 import click
 from click.core import ParameterSource
 
 from .config import CONVENTIONS, DETOKENIZERS, DOC_SPLITS, DTYPES, ENCODING_ERRORS, build_config
-from .errors import PplError
+from .errors import PplError, PplWarning
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ppl-eval")
 def cli():
     """Exact, resumable corpus perplexity for Hugging Face causal language models."""
+    warnings.showwarning = show_warning
+    warnings.filterwarnings("always", category=PplWarning)  # every run's, not once per process
 
 
 @cli.command()
@@ -126,6 +129,14 @@ def fail(message: str, code: int, debug: bool):
         traceback.print_exc()
     click.echo(f"ppl-eval: error: {message}", err=True)
     sys.exit(code)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None, _library=warnings.showwarning):
+    """ppl-eval's own warnings as one line each; other libraries' as Python shows them."""
+    if issubclass(category, PplWarning):
+        click.echo(f"ppl-eval: warning: {message}", err=True)
+    else:
+        _library(message, category, filename, lineno, file, line)
 
 
 def first_line(error: Exception) -> str:

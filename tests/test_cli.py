@@ -156,3 +156,26 @@ def test_help_is_instant_without_heavy_imports():
     assert out.strip() == "[]"
     help_text = subprocess.run([sys.executable, "-m", "ppl_cli", "run", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--window" in help_text.stdout
+
+
+@pytest.mark.parametrize("slowdown,warned", [(60.0, True), (0.25, False)])
+def test_half_precision_on_a_cpu_without_fast_matmul_warns_in_one_line(tiny_gpt2, monkeypatch, slowdown, warned):
+    import ppl_cli.model
+
+    monkeypatch.setattr(ppl_cli.model, "half_matmul_slowdown", lambda dtype: slowdown)
+    result = invoke("--model", tiny_gpt2, "--data", "-", "--dtype", "bfloat16", "--json", input="some words to score\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"]["dtype"] == "bfloat16"  # the run goes on, as asked
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ppl-eval: warning:")]
+    if warned:
+        assert lines == ["ppl-eval: warning: this CPU multiplies bfloat16 matrices 60x slower than float32 (no AVX512-BF16 or AMX); --dtype float32 is faster here, and exact"]
+    else:
+        assert lines == []
+
+
+def test_half_matmul_slowdown_is_a_timing_ratio():
+    import torch
+
+    from ppl_cli.model import half_matmul_slowdown
+
+    assert 0 < half_matmul_slowdown(torch.bfloat16) < 10_000
