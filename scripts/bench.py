@@ -64,7 +64,8 @@ def main() -> None:
     docs, _ = load_documents(Config(data=args.data, limit=args.articles))
     lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
     ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
-    peaks = {dtype: matmul_peak(lm.device, getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+    dtypes = args.dtypes.split(",")
+    peaks = {dtype: matmul_peak(lm.device, getattr(torch, dtype)) for dtype in dict.fromkeys(["float32", *dtypes])}
     log(f"{args.model} on {len(docs)} documents: {len(ids):,} tokens, window {args.window}, stride {args.stride}")
     log(f"matmul peak on {lm.device}: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()))
 
@@ -89,8 +90,8 @@ def main() -> None:
     rows = [measure(*engines[0], lm)]
     skipped = {}
     scored = sum(w.end - w.score_from for w in windows)
-    for dtype in args.dtypes.split(","):
-        if peaks.setdefault(dtype, matmul_peak(lm.device, getattr(torch, dtype))) * SLOW_MATMUL_RATIO < peaks["float32"]:
+    for dtype in dtypes:
+        if peaks[dtype] * SLOW_MATMUL_RATIO < peaks["float32"]:
             # A CPU without AVX512-BF16/AMX: hours for what float32 does in minutes, and not a speed-up to measure.
             skipped[dtype] = f"{dtype} matmuls run at {peaks[dtype]:,.1f} GFLOP/s here against float32's {peaks['float32']:,.0f}"
             log(f"skipping ppl-eval {dtype}: {skipped[dtype]}")
@@ -121,7 +122,7 @@ def main() -> None:
         row["scored_tokens_per_s"] = row["tokens"] / seconds
         row["through_tokens_per_s"] = through / seconds
         row["gflop_per_s"] = flops[row["engine"]] / seconds / 1e9
-        row["fraction_of_peak"] = row["gflop_per_s"] / peaks.get(row["dtype"], math.nan)
+        row["fraction_of_peak"] = row["gflop_per_s"] / peaks[row["dtype"]]
         row["speedup"] = row["scored_tokens_per_s"] / baseline_rate
         row["ppl_vs_baseline"] = row["perplexity"] / baseline["perplexity"] - 1
     if args.json:
