@@ -1,24 +1,28 @@
-"""Benchmark: the Hugging Face recipe (baseline) against ppl-eval's engine, in one process.
+"""Benchmark: the Hugging Face recipe (baseline) against ppl-eval's engine, each in a fresh process.
 
     python scripts/bench.py                      # SmolLM2-135M, first 6 WikiText-2 valid articles
     python scripts/bench.py --window 512 --stride 256 --dtypes float32
     python scripts/bench.py --model gpt2 --data my.txt --device cuda --dtypes bfloat16
     python scripts/bench.py --convention lm-eval --repeat 2   # against lm-evaluation-harness itself
+    python scripts/bench.py --dtypes float32 --floor          # and the forward passes alone: the ceiling
 
 The articles are joined into one document and tokenized without special tokens, so every run
 scores exactly the tokens the recipe scores. Each engine prints scored tokens/s, tokens/s through
 the model, achieved GFLOP/s as a fraction of a measured matmul peak, peak memory beyond the
 weights, and its perplexity and difference from the baseline's exact per-token perplexity.
+`--floor` adds the forward passes alone (decoder, then the LM head on the rows ppl-eval scores,
+no log-softmax): the least time any exact engine built on torch's kernels needs, so its speedup
+is the ceiling for ppl-eval's.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -30,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppl_cli import Config  # noqa: E402
 from ppl_cli.documents import load_documents  # noqa: E402
-from ppl_cli.model import SLOW_MATMUL_RATIO, load_model  # noqa: E402
+from ppl_cli.model import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
 from ppl_cli.conventions import Windowing  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens, score_documents  # noqa: E402
-from ppl_cli.scorer import Scorer  # noqa: E402
+from ppl_cli.scorer import HEAD_CHUNK_ELEMENTS, Job, Scorer, plan_batches  # noqa: E402
 from ppl_cli.windows import lm_eval_windows, sliding_windows  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
@@ -56,19 +60,82 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, help="default: ppl-eval's default for the device")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every engine; each keeps its fastest")
+    parser.add_argument("--floor", action="store_true", help="also time the float32 forward passes alone")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine, print its row
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine:
+        print(json.dumps(run_engine(args)))
+        return
 
+    device = resolve_device(args.device)
+    dtypes = args.dtypes.split(",")
+    peaks = {dtype: matmul_peak(device, getattr(torch, dtype)) for dtype in dict.fromkeys(["float32", *dtypes])}
+    log(f"matmul peak on {device}: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()))
+    engines, skipped = ["baseline:float32"], {}
+    for dtype in dtypes:
+        if peaks[dtype] * SLOW_MATMUL_RATIO < peaks["float32"]:
+            # A CPU without AVX512-BF16/AMX: hours for what float32 does in minutes, and not a speed-up to measure.
+            skipped[dtype] = f"{dtype} matmuls run at {peaks[dtype]:,.1f} GFLOP/s here against float32's {peaks['float32']:,.0f}"
+            log(f"skipping ppl-eval {dtype}: {skipped[dtype]}")
+        else:
+            engines.append(f"ppl-eval:{dtype}")
+    if args.floor:
+        engines.append("floor:float32")
+
+    # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
+    # keep_freed_memory) must not speed up the baseline. --repeat: the engines take turns, round
+    # after round, and each keeps its fastest round, so a machine that slows down for a while (a
+    # noisy neighbour) costs every engine alike, not the one it hit.
+    results: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for engine in engines:
+            row = run_child(engine)
+            if engine not in results:
+                results[engine] = row
+                continue
+            assert row["nll_sum"] == results[engine]["nll_sum"], "a rerun changed the result"
+            results[engine]["seconds"] = min(results[engine]["seconds"], row["seconds"])
+            results[engine]["peak_memory_mb"] = max(results[engine]["peak_memory_mb"], row["peak_memory_mb"])
+    rows = list(results.values())
+    baseline = rows[0]
+    baseline_rate = baseline["tokens"] / baseline["seconds"]
+    for row in rows:
+        seconds = row.pop("seconds")
+        row["scored_tokens_per_s"] = row["tokens"] / seconds
+        row["through_tokens_per_s"] = row.pop("through") / seconds
+        row["gflop_per_s"] = row.pop("flops") / seconds / 1e9
+        row["fraction_of_peak"] = row["gflop_per_s"] / peaks[row["dtype"]]
+        row["speedup"] = row["scored_tokens_per_s"] / baseline_rate
+        row["ppl_vs_baseline"] = row["perplexity"] / baseline["perplexity"] - 1 if row["perplexity"] else None
+    corpus = baseline.pop("corpus")
+    for row in rows[1:]:
+        row.pop("corpus")
+    if args.json:
+        print(json.dumps({"tokens": corpus["tokens"], "peaks_gflops": peaks, "rows": rows, "skipped": skipped, "args": vars(args)}, indent=2))
+    else:
+        print_table(rows)
+        for dtype, reason in skipped.items():
+            print(f"\nppl-eval {dtype} not run: {reason}.")
+
+
+def run_child(engine: str) -> dict:
+    """This script again, in a fresh process, running one engine; its log goes to our stderr."""
+    done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--engine", engine], stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"bench: the {engine} run failed (exit {done.returncode})")
+    return json.loads(done.stdout)
+
+
+def run_engine(args) -> dict:
+    """One engine (baseline, ppl-eval or floor, with a dtype), timed once on the benchmark text."""
+    kind, dtype = args.engine.split(":")
     docs, _ = load_documents(Config(data=args.data, limit=args.articles))
     lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
     ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
-    dtypes = args.dtypes.split(",")
-    peaks = {dtype: matmul_peak(lm.device, getattr(torch, dtype)) for dtype in dict.fromkeys(["float32", *dtypes])}
     log(f"{args.model} on {len(docs)} documents: {len(ids):,} tokens, window {args.window}, stride {args.stride}")
-    log(f"matmul peak on {lm.device}: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()))
-
     if args.convention == "lm-eval":
         prefix = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
         sequence = [prefix] + ids
@@ -85,56 +152,45 @@ def main() -> None:
         windows = sliding_windows(len(ids), args.window, args.stride)
         baseline_name = "hf-recipe"
         run_baseline = lambda: hf_recipe(lm.model, ids, args.window, args.stride, lm.device)  # noqa: E731
-    # The baseline runs first: ppl-eval's Scorer tunes the allocator for the whole process.
-    engines = [(baseline_name, "float32", run_baseline)]
-    rows = [measure(*engines[0], lm)]
-    skipped = {}
     scored = sum(w.end - w.score_from for w in windows)
-    for dtype in dtypes:
-        if peaks[dtype] * SLOW_MATMUL_RATIO < peaks["float32"]:
-            # A CPU without AVX512-BF16/AMX: hours for what float32 does in minutes, and not a speed-up to measure.
-            skipped[dtype] = f"{dtype} matmuls run at {peaks[dtype]:,.1f} GFLOP/s here against float32's {peaks['float32']:,.0f}"
-            log(f"skipping ppl-eval {dtype}: {skipped[dtype]}")
-            continue
-        model = lm.model if dtype == "float32" else copy.deepcopy(lm.model).to(getattr(torch, dtype))
-        scorer = Scorer(model, lm.device, args.max_batch_tokens or default_batch_tokens(lm.device, args.window))
-        engines.append(("ppl-eval", dtype, lambda scorer=scorer: (document_nll(scorer, sequence, windowing), scored)))
-        rows.append(measure(*engines[-1], lm))
-
-    # --repeat: engines take turns, round after round, and each keeps its fastest round, so a machine
-    # that slows down for a while (a noisy neighbour) costs every engine alike, not the one it hit.
-    # (Later baseline rounds also get ppl-eval's allocator setting: that can only favour the baseline.)
-    for _ in range(args.repeat - 1):
-        for row, engine in zip(rows, engines):
-            again = measure(*engine, lm)
-            assert again["nll_sum"] == row["nll_sum"], "a rerun changed the result"
-            row["seconds"] = min(row["seconds"], again["seconds"])
-            row["peak_memory_mb"] = max(row["peak_memory_mb"], again["peak_memory_mb"])
-    baseline = rows[0]
-    through = sum(min(w.end - w.begin, args.window) for w in windows)  # tokens read; same for both
-    flops = {
-        baseline_name: forward_flops(lm.model, windows, args.window, full_logits=True),
-        "ppl-eval": forward_flops(lm.model, windows, args.window, full_logits=False),
-    }
-    baseline_rate = baseline["tokens"] / baseline["seconds"]
-    for row in rows:
-        seconds = row.pop("seconds")
-        row["scored_tokens_per_s"] = row["tokens"] / seconds
-        row["through_tokens_per_s"] = through / seconds
-        row["gflop_per_s"] = flops[row["engine"]] / seconds / 1e9
-        row["fraction_of_peak"] = row["gflop_per_s"] / peaks[row["dtype"]]
-        row["speedup"] = row["scored_tokens_per_s"] / baseline_rate
-        row["ppl_vs_baseline"] = row["perplexity"] / baseline["perplexity"] - 1
-    if args.json:
-        print(json.dumps({"tokens": len(ids), "peaks_gflops": peaks, "rows": rows, "skipped": skipped, "args": vars(args)}, indent=2))
+    batch_tokens = args.max_batch_tokens or default_batch_tokens(lm.device, args.window)
+    if kind == "baseline":
+        row = measure(baseline_name, dtype, run_baseline, lm)
+    elif kind == "ppl-eval":
+        scorer = Scorer(lm.model.to(getattr(torch, dtype)), lm.device, batch_tokens)
+        row = measure("ppl-eval", dtype, lambda: (document_nll(scorer, sequence, windowing), scored), lm)
     else:
-        print_table(rows)
-        for dtype, reason in skipped.items():
-            print(f"\nppl-eval {dtype} not run: {reason}.")
+        scorer = Scorer(lm.model, lm.device, batch_tokens)
+        row = measure("floor", dtype, lambda: forward_floor(scorer, sequence, windows, args.window, scored), lm)
+    row["flops"] = forward_flops(lm.model, windows, args.window, full_logits=kind == "baseline")
+    row["through"] = sum(min(w.end - w.begin, args.window) for w in windows)  # tokens read; same for all
+    row["corpus"] = {"documents": len(docs), "tokens": len(ids)}
+    return row
 
 
 def document_nll(scorer, ids, windowing) -> float:
     return sum(nll for _, nll, _ in score_documents(scorer, [ids], windowing, None)[0])
+
+
+def forward_floor(scorer, sequence, windows, window, scored):
+    """ppl-eval's batches through the decoder and the LM head, and nothing else: no log-softmax,
+    no loss. Returns no NLL (None)."""
+    tokens = torch.as_tensor(sequence, dtype=torch.long)
+    jobs = [Job(tokens[w.begin : w.end], w.score_from - w.begin, min(w.end - w.begin, window)) for w in windows]
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // scorer.head.weight.shape[0])
+    with torch.inference_mode():
+        for batch in plan_batches([job.reads for job in jobs], scorer.max_batch_tokens):
+            width = max(jobs[i].reads for i in batch)
+            inputs = torch.zeros(len(batch), width, dtype=torch.long)
+            for b, i in enumerate(batch):
+                inputs[b, : jobs[i].reads] = jobs[i].tokens[: jobs[i].reads]
+            hidden = scorer.decoder(input_ids=inputs.to(scorer.device), use_cache=False).last_hidden_state
+            for b, i in enumerate(batch):
+                rows = hidden[b, jobs[i].context - 1 : len(jobs[i].tokens) - 1]  # [scored, H]
+                for start in range(0, len(rows), chunk):
+                    scorer.head(rows[start : start + chunk])
+            sync(scorer.device)
+    return None, scored
 
 
 def lm_eval_harness(lm, text, tokens, window):
@@ -214,9 +270,10 @@ def measure(engine, dtype, run, lm):
         start = time.perf_counter()
         nll, tokens = run()
         seconds = time.perf_counter() - start
-    row = {"engine": engine, "dtype": dtype, "tokens": tokens, "nll_sum": nll, "perplexity": math.exp(nll / tokens)}
+    perplexity = math.exp(nll / tokens) if nll is not None else None
+    row = {"engine": engine, "dtype": dtype, "tokens": tokens, "nll_sum": nll, "perplexity": perplexity}
     row.update(seconds=seconds, peak_memory_mb=memory.peak_mb)
-    log(f"  {seconds:.1f} s, ppl {row['perplexity']:.6f}, peak +{memory.peak_mb:.0f} MB")
+    log(f"  {seconds:.1f} s, ppl {perplexity or 0:.6f}, peak +{memory.peak_mb:.0f} MB")
     return row
 
 
@@ -309,8 +366,8 @@ def print_table(rows):
             f"{r['gflop_per_s']:,.0f}",
             f"{r['fraction_of_peak']:.0%}",
             f"{r['peak_memory_mb']:,.0f}",
-            f"{r['perplexity']:.4f}",
-            f"{r['ppl_vs_baseline']:+.5%}",
+            f"{r['perplexity']:.4f}" if r["perplexity"] else "-",
+            f"{r['ppl_vs_baseline']:+.5%}" if r["perplexity"] else "-",
             f"{r['speedup']:.2f}x",
         ]
         print("| " + " | ".join(cells) + " |")

@@ -22,12 +22,14 @@ def run_bench(model, tmp_path, *options):
 
 @pytest.mark.parametrize("convention,baseline_name", [("sliding", "hf-recipe"), ("lm-eval", "lm-eval-loop")])
 def test_bench_smoke(tiny_llama, tmp_path, convention, baseline_name):
-    report = run_bench(tiny_llama, tmp_path, "--convention", convention, "--lm-eval-port")
+    report = run_bench(tiny_llama, tmp_path, "--convention", convention, "--lm-eval-port", "--floor")
     engines = [(r["engine"], r["dtype"]) for r in report["rows"]]
     # bfloat16 is skipped, with the reason, on a CPU that has no fast bfloat16 matmul.
     bf16_rows = [] if "bfloat16" in report["skipped"] else [("ppl-eval", "bfloat16")]
-    assert engines == [(baseline_name, "float32"), ("ppl-eval", "float32"), *bf16_rows]
-    baseline, exact, *bf16 = report["rows"]
+    assert engines == [(baseline_name, "float32"), ("ppl-eval", "float32"), *bf16_rows, ("floor", "float32")]
+    *_, floor = report["rows"]
+    assert floor["perplexity"] is None and floor["tokens"] == report["rows"][0]["tokens"]
+    baseline, exact, *bf16 = report["rows"][:-1]
     scored = report["tokens"] - (1 if convention == "sliding" else 0)  # lm-eval scores the first token too
     assert exact["tokens"] == baseline["tokens"] == scored
     assert abs(exact["ppl_vs_baseline"]) < 1e-5  # exact mode equals the recipe
