@@ -37,7 +37,8 @@ from ppl_cli.documents import load_documents  # noqa: E402
 from ppl_cli.model import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
 from ppl_cli.conventions import Windowing  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens, score_documents  # noqa: E402
-from ppl_cli.scorer import HEAD_CHUNK_ELEMENTS, Job, Scorer, plan_batches  # noqa: E402
+from ppl_cli import scorer as scorer_module  # noqa: E402
+from ppl_cli.scorer import Scorer  # noqa: E402
 from ppl_cli.windows import lm_eval_windows, sliding_windows  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
@@ -161,7 +162,7 @@ def run_engine(args) -> dict:
         row = measure("ppl-eval", dtype, lambda: (document_nll(scorer, sequence, windowing), scored), lm)
     else:
         scorer = Scorer(lm.model, lm.device, batch_tokens)
-        row = measure("floor", dtype, lambda: forward_floor(scorer, sequence, windows, args.window, scored), lm)
+        row = measure("floor", dtype, lambda: forward_floor(scorer, sequence, windowing, scored), lm)
     row["flops"] = forward_flops(lm.model, windows, args.window, full_logits=kind == "baseline")
     row["through"] = sum(min(w.end - w.begin, args.window) for w in windows)  # tokens read; same for all
     row["corpus"] = {"documents": len(docs), "tokens": len(ids)}
@@ -172,24 +173,20 @@ def document_nll(scorer, ids, windowing) -> float:
     return sum(nll for _, nll, _ in score_documents(scorer, [ids], windowing, None)[0])
 
 
-def forward_floor(scorer, sequence, windows, window, scored):
-    """ppl-eval's batches through the decoder and the LM head, and nothing else: no log-softmax,
-    no loss. Returns no NLL (None)."""
-    tokens = torch.as_tensor(sequence, dtype=torch.long)
-    jobs = [Job(tokens[w.begin : w.end], w.score_from - w.begin, min(w.end - w.begin, window)) for w in windows]
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // scorer.head.weight.shape[0])
-    with torch.inference_mode():
-        for batch in plan_batches([job.reads for job in jobs], scorer.max_batch_tokens):
-            width = max(jobs[i].reads for i in batch)
-            inputs = torch.zeros(len(batch), width, dtype=torch.long)
-            for b, i in enumerate(batch):
-                inputs[b, : jobs[i].reads] = jobs[i].tokens[: jobs[i].reads]
-            hidden = scorer.decoder(input_ids=inputs.to(scorer.device), use_cache=False).last_hidden_state
-            for b, i in enumerate(batch):
-                rows = hidden[b, jobs[i].context - 1 : len(jobs[i].tokens) - 1]  # [scored, H]
-                for start in range(0, len(rows), chunk):
-                    scorer.head(rows[start : start + chunk])
-            sync(scorer.device)
+def forward_floor(scorer, sequence, windowing, scored):
+    """ppl-eval's engine with the loss taken out: its batches, decoder and LM head chunks, but each
+    chunk's logits are dropped instead of going through log-softmax. Returns no NLL (None)."""
+
+    def head_only(rows, targets, head):
+        if head is not None:  # None: the model's full forward already made the logits
+            chunk = max(1, scorer_module.HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+            for start in range(0, len(rows), chunk):
+                head(rows[start : start + chunk])
+        return torch.zeros(len(targets), device=rows.device)
+
+    scorer_module.token_nll = head_only  # this process runs the floor and nothing else
+    document_nll(scorer, sequence, windowing)
+    sync(scorer.device)
     return None, scored
 
 
