@@ -5,6 +5,7 @@
     python scripts/bench.py --model gpt2 --data my.txt --device cuda --dtypes bfloat16
     python scripts/bench.py --convention lm-eval --repeat 2   # against lm-evaluation-harness itself
     python scripts/bench.py --dtypes float32 --floor          # and the forward passes alone: the ceiling
+    python scripts/bench.py --convention lm-eval --paired 12  # one window, engines alternating: compute alone
 
 The articles are joined into one document and tokenized without special tokens, so every run
 scores exactly the tokens the recipe scores. Each engine prints scored tokens/s, tokens/s through
@@ -18,10 +19,12 @@ is the ceiling for ppl-eval's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -38,7 +41,7 @@ from ppl_cli.model import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa:
 from ppl_cli.conventions import Windowing  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens, score_documents  # noqa: E402
 from ppl_cli import scorer as scorer_module  # noqa: E402
-from ppl_cli.scorer import Scorer  # noqa: E402
+from ppl_cli.scorer import Job, Scorer  # noqa: E402
 from ppl_cli.windows import lm_eval_windows, sliding_windows  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
@@ -62,6 +65,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every engine; each keeps its fastest")
     parser.add_argument("--floor", action="store_true", help="also time the float32 forward passes alone")
+    parser.add_argument("--paired", type=int, metavar="ROUNDS",
+                        help="instead: one steady-state window, the engines taking turns ROUNDS times in this "
+                        "one process (compute alone, resistant to drift; see paired_windows)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine, print its row
     args = parser.parse_args()
@@ -69,6 +75,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.engine:
         print(json.dumps(run_engine(args)))
+        return
+    if args.paired:
+        paired_windows(args)
         return
 
     device = resolve_device(args.device)
@@ -89,20 +98,24 @@ def main() -> None:
     # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
     # keep_freed_memory) must not speed up the baseline. --repeat: the engines take turns, round
     # after round, and each keeps its fastest round, so a machine that slows down for a while (a
-    # noisy neighbour) costs every engine alike, not the one it hit.
+    # noisy neighbour) costs every engine alike, not the one it hit. Each round's own speedups come
+    # too: their spread is how far the drift moves a single whole-run ratio.
     results: dict[str, dict] = {}
     for _ in range(args.repeat):
         for engine in engines:
             row = run_child(engine)
             if engine not in results:
-                results[engine] = row
+                results[engine] = row | {"round_seconds": [row["seconds"]]}
                 continue
             assert row["nll_sum"] == results[engine]["nll_sum"], "a rerun changed the result"
+            results[engine]["round_seconds"].append(row["seconds"])
             results[engine]["seconds"] = min(results[engine]["seconds"], row["seconds"])
             results[engine]["peak_memory_mb"] = max(results[engine]["peak_memory_mb"], row["peak_memory_mb"])
     rows = list(results.values())
     baseline = rows[0]
     baseline_rate = baseline["tokens"] / baseline["seconds"]
+    for row in rows:
+        row["round_speedups"] = [b / s for b, s in zip(baseline["round_seconds"], row["round_seconds"])]
     for row in rows:
         seconds = row.pop("seconds")
         row["scored_tokens_per_s"] = row["tokens"] / seconds
@@ -176,6 +189,15 @@ def document_nll(scorer, ids, windowing) -> float:
 def forward_floor(scorer, sequence, windowing, scored):
     """ppl-eval's engine with the loss taken out: its batches, decoder and LM head chunks, but each
     chunk's logits are dropped instead of going through log-softmax. Returns no NLL (None)."""
+    with loss_taken_out():
+        document_nll(scorer, sequence, windowing)
+        sync(scorer.device)
+    return None, scored
+
+
+@contextlib.contextmanager
+def loss_taken_out():
+    """While active, the scorer runs the LM head chunks and drops their logits (the floor)."""
 
     def head_only(rows, targets, head):
         if head is not None:  # None: the model's full forward already made the logits
@@ -184,10 +206,11 @@ def forward_floor(scorer, sequence, windowing, scored):
                 head(rows[start : start + chunk])
         return torch.zeros(len(targets), device=rows.device)
 
-    scorer_module.token_nll = head_only  # this process runs the floor and nothing else
-    document_nll(scorer, sequence, windowing)
-    sync(scorer.device)
-    return None, scored
+    token_nll, scorer_module.token_nll = scorer_module.token_nll, head_only
+    try:
+        yield
+    finally:
+        scorer_module.token_nll = token_nll
 
 
 def lm_eval_harness(lm, text, tokens, window):
@@ -195,9 +218,8 @@ def lm_eval_harness(lm, text, tokens, window):
     at batch size 1 (faster than larger batches on a small CPU), as `lm_eval --model hf` runs it."""
     from lm_eval import __version__
     from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
 
-    harness = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1, max_length=window, device=str(lm.device))
+    harness = lm_eval_hflm(lm, window)
     request = Instance("loglikelihood_rolling", {}, (text,), 0)
 
     def run():
@@ -207,12 +229,16 @@ def lm_eval_harness(lm, text, tokens, window):
     return f"lm-eval {__version__}", run
 
 
+def lm_eval_hflm(lm, window):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1, max_length=window, device=str(lm.device))
+
+
 def lm_eval_loop(model, ids, prefix, max_seq_len, device):
     """lm-evaluation-harness's loglikelihood_rolling at batch size 1, as its HFLM runs it: the
     rolling windows of utils.get_rolling_token_windows (context_len=1) made disjoint, each scored
     with F.log_softmax over the model's full logits and a gather of the continuation."""
-    import torch.nn.functional as F
-
     pairs, predicted = [], 0
     first = min(max_seq_len, len(ids))
     pairs.append(([prefix] + ids[: first - 1], ids[:first]))
@@ -225,12 +251,19 @@ def lm_eval_loop(model, ids, prefix, max_seq_len, device):
     loglikelihood = 0.0
     for context, continuation in pairs:
         context = context[: len(context) - (len(continuation) - 1)]
-        inp = torch.tensor([(context + continuation)[-(max_seq_len + 1) :][:-1]], device=device)
-        with torch.no_grad():
-            logprobs = F.log_softmax(model(inp).logits, dim=-1)[0, -len(continuation) :]  # [cont, V]
-        target = torch.tensor(continuation, device=device).unsqueeze(-1)
-        loglikelihood += torch.gather(logprobs, 1, target).sum().item()
+        loglikelihood += lm_eval_window(model, context, continuation, max_seq_len, device)
     return -loglikelihood, len(ids)
+
+
+def lm_eval_window(model, context, continuation, max_seq_len, device) -> float:
+    """One disjoint window, as HFLM._loglikelihood_tokens scores it: the continuation's log-likelihood."""
+    import torch.nn.functional as F
+
+    inp = torch.tensor([(context + continuation)[-(max_seq_len + 1) :][:-1]], device=device)
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(inp).logits, dim=-1)[0, -len(continuation) :]  # [cont, V]
+    target = torch.tensor(continuation, device=device).unsqueeze(-1)
+    return torch.gather(logprobs, 1, target).sum().item()
 
 
 def hf_recipe(model, ids, max_length, stride, device):
@@ -243,10 +276,7 @@ def hf_recipe(model, ids, max_length, stride, device):
         end_loc = min(begin_loc + max_length, seq_len)
         trg_len = end_loc - prev_end_loc
         input_ids = input_all[:, begin_loc:end_loc].to(device)
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = model(input_ids, labels=target_ids).loss
+        target_ids, loss = recipe_window(model, input_ids, trg_len)
         num_valid_tokens = (target_ids != -100).sum().item()
         num_loss_tokens = num_valid_tokens - target_ids.size(0)  # the guide's count
         published_nll += loss.item() * num_loss_tokens
@@ -259,6 +289,77 @@ def hf_recipe(model, ids, max_length, stride, device):
             break
     log(f"hf-recipe published normalisation: ppl {math.exp(published_nll / published_tokens):.6f} over {published_tokens} tokens")
     return exact_nll, exact_tokens
+
+
+def recipe_window(model, input_ids, trg_len):
+    """One step of the recipe's loop: the last trg_len tokens are targets, the model's own loss."""
+    target_ids = input_ids.clone()
+    target_ids[:, :-trg_len] = -100
+    with torch.no_grad():
+        loss = model(input_ids, labels=target_ids).loss
+    return target_ids, loss
+
+
+def paired_windows(args) -> None:
+    """Whole runs a few minutes apart see this machine's drift (10-30%); this sees compute alone.
+
+    One steady-state window (sliding: reads `window` tokens, scores the last `stride`; lm-eval:
+    reads `window`, scores them all) is scored by the baseline, ppl-eval float32 and the floor in
+    turn, ROUNDS times, the order reversed every other round, all in this one process. Each round's
+    ratio compares runs seconds apart. The baseline shares ppl-eval's allocator setting here, so
+    what it loses in its own process to page faults does not count: a ratio of compute alone.
+    """
+    lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
+    docs, _ = load_documents(Config(data=args.data, limit=args.articles))
+    ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
+    window, stride = args.window, args.stride
+    if len(ids) < window + 1:
+        sys.exit(f"bench: --paired needs {window + 1} tokens of text, the data gives {len(ids)}")
+    scorer = Scorer(lm.model, lm.device, window)
+    if args.convention == "lm-eval":
+        span, context = ids[: window + 1], 1  # a middle window: its first token is context only
+        if args.lm_eval_port or importlib.util.find_spec("lm_eval") is None:
+            baseline_name = "lm-eval-loop"
+            baseline = lambda: -lm_eval_window(lm.model, span[:1], span[1:], window, lm.device)  # noqa: E731
+        else:
+            from lm_eval import __version__
+
+            harness, baseline_name = lm_eval_hflm(lm, window), f"lm-eval {__version__}"
+            baseline = lambda: -harness._loglikelihood_tokens([(None, span[:1], span[1:])], disable_tqdm=True)[0][0]  # noqa: E731
+    else:
+        span, context = ids[:window], window - stride
+        baseline_name = "hf-recipe"
+        baseline = lambda: recipe_window(lm.model, torch.tensor([span], device=lm.device), stride)[1].item() * stride  # noqa: E731
+    job = Job(torch.tensor(span), context, window)
+
+    def floor():
+        with loss_taken_out():
+            scorer.score([job])
+
+    engines = {baseline_name: baseline, "ppl-eval": lambda: scorer.score([job])[0][0], "floor": floor}
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    log(f"{args.model}: one {args.convention} window of {window} tokens, {job.scored} scored, {args.paired} rounds")
+    expected, got, _ = (run() for run in engines.values())  # warm-up, untimed; the two NLL sums agree
+    assert abs(got - expected) <= 1e-5 * abs(expected), f"ppl-eval's window NLL {got} != the baseline's {expected}"
+    for round_ in range(args.paired):
+        for name, run in list(engines.items())[:: 1 if round_ % 2 == 0 else -1]:
+            start = time.perf_counter()
+            run()
+            sync(lm.device)
+            seconds[name].append(time.perf_counter() - start)
+    base = seconds[baseline_name]
+    rows = []
+    for name, times in seconds.items():
+        ratios = sorted(b / t for b, t in zip(base, times))
+        rows.append({"engine": name, "median_s": statistics.median(times), "fastest_s": min(times),
+                     "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]})  # fmt: skip
+    if args.json:
+        print(json.dumps({"rows": rows, "seconds": seconds, "args": vars(args)}, indent=2))
+        return
+    print("| engine | median s/window | fastest s | speedup per round: median | min | max |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['median_s']:.3f} | {r['fastest_s']:.3f} | {r['ratio_median']:.3f}x | {r['ratio_min']:.3f}x | {r['ratio_max']:.3f}x |")
 
 
 def measure(engine, dtype, run, lm):
@@ -351,7 +452,7 @@ def rss() -> int:
 
 
 def print_table(rows):
-    header = ["engine", "dtype", "scored tok/s", "through tok/s", "GFLOP/s", "of peak", "peak MB", "perplexity", "vs baseline", "speedup"]
+    header = ["engine", "dtype", "scored tok/s", "through tok/s", "GFLOP/s", "of peak", "peak MB", "perplexity", "vs baseline", "speedup", "per round"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
@@ -366,6 +467,7 @@ def print_table(rows):
             f"{r['perplexity']:.4f}" if r["perplexity"] else "-",
             f"{r['ppl_vs_baseline']:+.5%}" if r["perplexity"] else "-",
             f"{r['speedup']:.2f}x",
+            " / ".join(f"{x:.2f}x" for x in r["round_speedups"]),
         ]
         print("| " + " | ".join(cells) + " |")
 

@@ -36,6 +36,7 @@ def test_bench_smoke(tiny_llama, tmp_path, convention, baseline_name):
     assert all(abs(row["ppl_vs_baseline"]) < 0.05 for row in bf16)
     for row in report["rows"]:
         assert row["scored_tokens_per_s"] > 0 and row["gflop_per_s"] > 0 and row["speedup"] > 0
+        assert row["round_speedups"] == [pytest.approx(row["speedup"])]  # one round: the same ratio
 
 
 def test_bench_against_real_lm_eval(tiny_llama, tmp_path):
@@ -46,3 +47,14 @@ def test_bench_against_real_lm_eval(tiny_llama, tmp_path):
     assert harness["engine"].startswith("lm-eval 0.")
     assert exact["tokens"] == harness["tokens"] == report["tokens"]
     assert abs(exact["ppl_vs_baseline"]) < 1e-5
+
+
+@pytest.mark.parametrize("convention,baseline_name", [("sliding", "hf-recipe"), ("lm-eval", "lm-eval-loop")])
+def test_bench_paired_smoke(tiny_llama, tmp_path, convention, baseline_name):
+    """--paired: one window per engine, alternating; the baseline's own ratio is 1 every round."""
+    report = run_bench(tiny_llama, tmp_path, "--convention", convention, "--lm-eval-port", "--paired", "3")
+    assert [r["engine"] for r in report["rows"]] == [baseline_name, "ppl-eval", "floor"]
+    assert all(len(times) == 3 for times in report["seconds"].values())
+    baseline = report["rows"][0]
+    assert baseline["ratio_min"] == baseline["ratio_max"] == 1.0
+    assert all(r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in report["rows"])
