@@ -116,7 +116,6 @@ def main() -> None:
     baseline_rate = baseline["tokens"] / baseline["seconds"]
     for row in rows:
         row["round_speedups"] = [b / s for b, s in zip(baseline["round_seconds"], row["round_seconds"])]
-    for row in rows:
         seconds = row.pop("seconds")
         row["scored_tokens_per_s"] = row["tokens"] / seconds
         row["through_tokens_per_s"] = row.pop("through") / seconds
@@ -146,16 +145,14 @@ def run_child(engine: str) -> dict:
 def run_engine(args) -> dict:
     """One engine (baseline, ppl-eval or floor, with a dtype), timed once on the benchmark text."""
     kind, dtype = args.engine.split(":")
-    docs, _ = load_documents(Config(data=args.data, limit=args.articles))
-    lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
-    ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
+    lm, docs, ids = load_inputs(args)
     log(f"{args.model} on {len(docs)} documents: {len(ids):,} tokens, window {args.window}, stride {args.stride}")
     if args.convention == "lm-eval":
         prefix = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
         sequence = [prefix] + ids
         windowing = Windowing("lm-eval", args.window, args.window, False, None, prefix)
         windows = lm_eval_windows(len(sequence), args.window)
-        if args.lm_eval_port or importlib.util.find_spec("lm_eval") is None:
+        if not real_lm_eval(args):
             baseline_name = "lm-eval-loop"
             run_baseline = lambda: lm_eval_loop(lm.model, ids, prefix, args.window, lm.device)  # noqa: E731
         else:
@@ -180,6 +177,19 @@ def run_engine(args) -> dict:
     row["through"] = sum(min(w.end - w.begin, args.window) for w in windows)  # tokens read; same for all
     row["corpus"] = {"documents": len(docs), "tokens": len(ids)}
     return row
+
+
+def load_inputs(args):
+    """The model in float32, the benchmark documents, and their joined text's token ids."""
+    docs, _ = load_documents(Config(data=args.data, limit=args.articles))
+    lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
+    ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
+    return lm, docs, ids
+
+
+def real_lm_eval(args) -> bool:
+    """Baseline lm-evaluation-harness itself (installed, and not --lm-eval-port) rather than the port."""
+    return not args.lm_eval_port and importlib.util.find_spec("lm_eval") is not None
 
 
 def document_nll(scorer, ids, windowing) -> float:
@@ -309,16 +319,14 @@ def paired_windows(args) -> None:
     ratio compares runs seconds apart. The baseline shares ppl-eval's allocator setting here, so
     what it loses in its own process to page faults does not count: a ratio of compute alone.
     """
-    lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
-    docs, _ = load_documents(Config(data=args.data, limit=args.articles))
-    ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
+    lm, _, ids = load_inputs(args)
     window, stride = args.window, args.stride
     if len(ids) < window + 1:
         sys.exit(f"bench: --paired needs {window + 1} tokens of text, the data gives {len(ids)}")
     scorer = Scorer(lm.model, lm.device, window)
     if args.convention == "lm-eval":
         span, context = ids[: window + 1], 1  # a middle window: its first token is context only
-        if args.lm_eval_port or importlib.util.find_spec("lm_eval") is None:
+        if not real_lm_eval(args):
             baseline_name = "lm-eval-loop"
             baseline = lambda: -lm_eval_window(lm.model, span[:1], span[1:], window, lm.device)  # noqa: E731
         else:
