@@ -31,7 +31,10 @@ def cli():
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
-@click.option("--data", help="wikitext, a hub dataset id, a file, a directory, - for stdin; default: python-docstrings.")
+@click.option("--reference-model", help="A reference model P scored on the same windows: KL(P || Q), top-1 agreement, delta p.")
+@click.option("--reference-dtype", type=click.Choice(DTYPES), help="The reference model's dtype (auto as --dtype).")
+@click.option("--reference-device", help="The reference model's device (default: --device).")
+@click.option("--data", multiple=True, help="A file (.jsonl/.json/.csv/.parquet/.txt/.md/.tokens, each also .gz/.bz2/.xz/.zst), a quoted glob, a directory, a URL, - for stdin, wikitext or a hub dataset id; repeat for several, read in order. Default: python-docstrings.")
 @click.option("--data-config", help="Hub dataset configuration name.")
 @click.option("--split", help="Hub dataset split (wikitext: test).")
 @click.option("--text-field", help="Field holding the text in JSON/CSV/Parquet/hub records (default: text).")
@@ -39,6 +42,7 @@ def cli():
 @click.option("--doc-split", type=click.Choice(DOC_SPLITS), help="Text files: one document per file, line or paragraph.")
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), help="On invalid UTF-8: fail (strict) or replace.")
 @click.option("--limit", type=int, help="Score only the first N documents.")
+@click.option("--streaming", is_flag=True, help="Hub datasets: stream the rows instead of downloading the dataset whole.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), help="Whose windows and counts: sliding (default), hf-recipe, lm-eval, llama-cpp.")
 @click.option("--detokenize", type=click.Choice(DETOKENIZERS), help="wikitext: lm-eval's WikiText detokenizer before scoring.")
 @click.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
@@ -48,7 +52,7 @@ def cli():
 @click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
 @click.option("--seed", type=int, help="Seed of the bootstrap interval (default: 0).")
 @click.option("--bootstrap-samples", type=int, help="Bootstrap resamples; 0 turns the interval off (default: 1000).")
-@click.option("--shard", help="Score only shard I of N (I/N, token-balanced); combine with `ppl-eval merge`.")
+@click.option("--shard", help="Score only shard I of N (I/N: documents whose index is I mod N); combine with `ppl-eval merge`.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Directory for summary.json, documents.jsonl/.csv.")
 @click.option("--overwrite", is_flag=True, help="Replace the results already in --output instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout and nothing else.")
@@ -98,6 +102,38 @@ def merge(dirs, output, allow_partial, overwrite, as_json, debug):
         return merge_runs(list(dirs), output, allow_partial, overwrite)
 
     report(guarded(work, debug), as_json)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--allow-different-data", is_flag=True, help="Compare the documents every run scored (matched by index and id).")
+@click.option("--bootstrap-samples", type=int, default=1000, show_default=True, help="Paired bootstrap resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resamples.")
+@click.option("--top", type=int, default=5, show_default=True, help="Documents listed as most improved and most worsened.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON object.")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def compare(runs, allow_different_data, bootstrap_samples, seed, top, as_json, markdown, debug):
+    """Compare result directories against the first (the baseline): paired bootstrap intervals and p-values.
+
+    \b
+    Examples:
+      ppl-eval compare results/base results/finetuned
+      ppl-eval compare results/base results/q4 results/q8 --json
+    """
+
+    def work():
+        from .compare import CompareConfig, compare_runs
+
+        return compare_runs(CompareConfig(tuple(runs), allow_different_data, bootstrap_samples, seed, top))
+
+    comparison = guarded(work, debug)
+    from .compare import format_comparison, format_markdown
+
+    if as_json:
+        click.echo(json.dumps(comparison, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_markdown(comparison) if markdown else format_comparison(comparison))
 
 
 def guarded(work, debug: bool):

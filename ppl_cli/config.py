@@ -29,8 +29,12 @@ class Config:
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt weights, which can run code while unpickling
+    # A reference model P scored on the same windows: KL(P || Q) and llama.cpp's statistics
+    reference_model: str | None = None
+    reference_dtype: str = "auto"
+    reference_device: str | None = None  # None: the same as device
     # Data
-    data: str = DEFAULT_DATA
+    data: tuple[str, ...] = (DEFAULT_DATA,)  # sources in order; a single string is one source
     data_config: str | None = None
     split: str | None = None
     text_field: str = "text"
@@ -38,6 +42,7 @@ class Config:
     doc_split: str = "file"
     encoding_errors: str = "strict"
     limit: int | None = None
+    streaming: bool = False  # hub datasets: read as an IterableDataset instead of downloading whole
     # Windows
     convention: str = "sliding"  # sliding, hf-recipe, lm-eval or llama-cpp
     detokenize: str = "none"  # "wikitext": lm-eval's WikiText detokenizer before scoring
@@ -51,15 +56,18 @@ class Config:
     seed: int = 0
     bootstrap_samples: int = 1000
     # Scale-out
-    shard: str | None = None  # "I/N": score only shard I of N (token-balanced)
+    shard: str | None = None  # "I/N": score only the documents whose index is I mod N
     # Output
     output: str | None = None
     overwrite: bool = False
 
     def __post_init__(self):
+        if isinstance(self.data, (str, list)):  # `data: x` or `data: [x, y]` in YAML, a string in Python
+            object.__setattr__(self, "data", (self.data,) if isinstance(self.data, str) else tuple(self.data))
         check_types(self)
-        if self.dtype not in DTYPES:
-            raise PplError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        for name in ("dtype", "reference_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise PplError(f"{name.replace('_', '-')} must be one of {', '.join(DTYPES)}, not {getattr(self, name)!r}")
         if self.doc_split not in DOC_SPLITS:
             raise PplError(f"doc_split must be one of {', '.join(DOC_SPLITS)}, not {self.doc_split!r}")
         if self.convention not in CONVENTIONS:
@@ -76,7 +84,7 @@ class Config:
             raise PplError("bootstrap-samples must be 0 (off) or more")
         if not self.model.strip():
             raise PplError("model must not be empty")
-        if not self.data.strip():
+        if not self.data or not all(spec.strip() for spec in self.data):
             raise PplError("data must not be empty")
         if self.shard is not None:
             parse_shard(self.shard)
@@ -87,7 +95,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "data": list(self.data)}
 
 
 def field_names() -> list[str]:
@@ -99,6 +107,10 @@ def check_types(config: Config) -> None:
     hints = typing.get_type_hints(Config)
     for name in field_names():
         value, hint = getattr(config, name), hints[name]
+        if typing.get_origin(hint) is tuple:  # tuple[str, ...]
+            if not all(isinstance(v, str) for v in value):
+                raise PplError(f"{name} must be a string or a list of strings, got {value!r}")
+            continue
         allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         ok = any(
             (value is None and kind is type(None))

@@ -10,13 +10,15 @@ import math
 import re
 from dataclasses import dataclass
 
-from .documents import Document
 from . import metrics
+from .errors import PplError
 from .metrics import perplexity
 from .windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows, sliding_windows
 
 JOIN = "\n\n"  # the HF guide joins its test split with blank lines; llama-cpp gets the same text
 JOINED_ID = "(all documents joined)"
+JOINED_CONVENTIONS = ("hf-recipe", "llama-cpp")
+MAX_DEFAULT_WINDOW = 2048
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Windowing:
 
     @property
     def joins_documents(self) -> bool:
-        return self.convention in ("hf-recipe", "llama-cpp")
+        return self.convention in JOINED_CONVENTIONS
 
     @classmethod
     def from_description(cls, d: dict) -> Windowing:
@@ -51,11 +53,37 @@ class Windowing:
         return out
 
 
-def prepare(docs: list[Document], windowing: Windowing) -> list[Document]:
-    """hf-recipe and llama-cpp score the corpus as one sequence: the documents joined."""
-    if windowing.joins_documents:
-        return [Document(JOINED_ID, JOIN.join(doc.text for doc in docs))]
-    return docs
+def resolve_windowing(config, lm) -> Windowing:
+    """The windowing of a run: the config's choices, completed from the model and its tokenizer."""
+    convention = config.convention
+    window = config.window or min(lm.context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+    if lm.context_length and window > lm.context_length:
+        raise PplError(f"--window {window} is larger than the model's context length ({lm.context_length})")
+    stride = config.stride or max(1, window // 2)
+    if convention in ("hf-recipe", "lm-eval") and config.add_bos is not None:
+        rule = "never adds special tokens" if convention == "hf-recipe" else "always prefixes its prefix token"
+        raise PplError(f"--add-bos/--no-add-bos do not apply to --convention {convention}: it {rule}")
+    if convention == "sliding":
+        add_bos = config.add_bos if config.add_bos is not None else lm.bos_id is not None
+    elif convention == "llama-cpp":  # llama.cpp adds BOS when the model's tokenizer does by default
+        add_bos = config.add_bos if config.add_bos is not None else tokenizer_adds_bos(lm.tokenizer)
+    else:
+        add_bos = False
+    if add_bos and lm.bos_id is None:
+        raise PplError("--add-bos: this tokenizer defines no BOS or end-of-text token")
+    prefix_id = None
+    if convention == "lm-eval":  # lm-eval's prefix_token_id: BOS, else EOS
+        tok = lm.tokenizer
+        prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if prefix_id is None:
+            raise PplError("--convention lm-eval: this tokenizer has neither a BOS nor an EOS token to prefix")
+    bos_id = lm.bos_id if add_bos else None
+    return Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def text_to_score(text: str, windowing: Windowing) -> str:
@@ -127,22 +155,20 @@ def wikitext_detokenize(string: str) -> str:
     return string
 
 
-def convention_summary(documents: list[dict], convention: str) -> dict:
-    """The numbers a convention's own tool reports besides the perplexity."""
+def convention_summary(totals: dict, convention: str) -> dict:
+    """The numbers a convention's own tool reports besides the perplexity, from corpus sums."""
     if convention == "hf-recipe":
-        nll = sum(d["published_nll_sum"] for d in documents)
-        tokens = sum(d["published_tokens"] for d in documents)
+        nll, tokens = totals["published_nll_sum"], totals["published_tokens"]
         return {"hf_recipe_published": {"nll_sum": nll, "tokens": tokens, "token_perplexity": perplexity(nll, tokens)}}
     if convention == "llama-cpp":
-        return {"llama_cpp_uncertainty": llama_cpp_uncertainty(documents)}
+        return {"llama_cpp_uncertainty": llama_cpp_uncertainty(totals["nll_sum"], totals["nll_sq_sum"], totals["tokens"])}
     return {}
 
 
-def llama_cpp_uncertainty(documents: list[dict]) -> float | None:
+def llama_cpp_uncertainty(nll_sum: float, nll_sq_sum: float, count: int) -> float | None:
     """llama-perplexity's '+/-': ppl * sqrt(var(nll) / (count - 1)), var over the scored tokens."""
-    count = sum(d["tokens"] for d in documents)
     if count < 2:
         return None
-    mean = sum(d["nll_sum"] for d in documents) / count
-    variance = sum(d["nll_sq_sum"] for d in documents) / count - mean * mean
+    mean = nll_sum / count
+    variance = nll_sq_sum / count - mean * mean
     return math.exp(mean) * math.sqrt(max(variance, 0.0) / (count - 1))

@@ -65,9 +65,14 @@ def start() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), group, owned)
 
 
-def stop(ranks: Ranks) -> None:
+def stop(ranks: Ranks, finished: bool) -> None:
+    """End the process group this module started. After a finished run every rank first waits for
+    the others: gloo aborts a process ("terminate called without an active exception") whose peer
+    tears the group down mid-exchange. After an error it does not wait (the others may never come)."""
     if ranks.owned:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if finished:
+                ranks.barrier()
             dist.destroy_process_group()

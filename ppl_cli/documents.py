@@ -1,8 +1,9 @@
-"""Documents from a data source: the built-in corpus, hub datasets, local files or stdin.
+"""Records -> documents: every source read as a stream, its documents numbered across all sources.
 
-Every loader returns a list of Document(id, text) in a fixed order, with text as given (word and
-byte counts are taken from it). Empty documents are kept here and skipped by the pipeline, so that
-a document's index is always its position in the source.
+A document's `index` is its position in the whole input (all sources in order, empty documents
+included), so it is the same in every shard and every run. Records of other shards are scanned
+past (a line read, a row skipped) but never parsed. Text is kept as given: word and byte counts
+are taken from it.
 """
 
 from __future__ import annotations
@@ -12,20 +13,15 @@ import csv
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import re
-import sys
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO, NamedTuple
 
 from .config import Config
 from .errors import EXIT_DATA, PplError
-
-
-class Document(NamedTuple):
-    id: str | None
-    text: str
-
+from .sources import WIKITEXT_HUB, ByteCounter, Source, first_line, open_binary, open_seekable, replace
 
 # Standard-library modules whose docstrings are long English prose, in a fixed order. They are
 # read from the installed sources (never imported); the text varies a little between Python
@@ -40,67 +36,373 @@ DOCSTRING_MODULES = (
     "_threading_local",
     "argparse",
 )
-WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")  # " = Title = ", not " = = Section = = "
-TEXT_SUFFIXES = {".txt", ".md", ".text"}
-WIKITEXT_SUFFIXES = {".tokens", ".raw"}
-TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # --doc-split blank-line
+BOM = b"\xef\xbb\xbf"
+FINGERPRINT_PREFIX = "sha256-sum:"
+PARQUET_BATCH = 1024  # rows per Arrow batch
 
 
-def load_documents(config: Config, stdin: io.BufferedIOBase | None = None) -> tuple[list[Document], dict]:
-    """The documents of config.data (at most config.limit) and a description of the source."""
-    source = config.data
-    check_option_conflicts(config)
-    if source == "python-docstrings":
-        docs, info = python_docstrings(), {"kind": "python-docstrings", "python": sys.version.split()[0]}
-    elif source == "-":
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        docs, info = parse_stdin(stream.read(), config), {"kind": "stdin"}
-    elif source == "wikitext":
-        docs, info = wikitext_from_hub(config), {"kind": "hub", "dataset": WIKITEXT_HUB[0]}
-    elif Path(source).exists():
-        docs, info = load_path(Path(source), config), {"kind": "path", "path": str(Path(source).resolve())}
-    elif looks_like_path(source):
-        raise PplError(f"data not found: {source}", EXIT_DATA)
+class Document(NamedTuple):
+    id: str | None
+    text: str
+
+
+class Record(NamedTuple):
+    """One record of a source, not yet parsed: a JSON line's bytes, a table row, or a document."""
+
+    source: Source
+    position: int | None  # line (1-based) of line formats, row (0-based) of tables; None: the whole file
+    payload: Any
+
+
+class DocumentStream:
+    """The documents of every source, in order, with their index.
+
+    Iterating yields (index, Document) for the indices `mine` accepts; the others are only
+    counted. `count` is the number of documents read so far (all shares, at most --limit),
+    `digest` the sum of the yielded documents' digests (see fingerprint()).
+    """
+
+    def __init__(self, sources: list[Source], config: Config, mine: Callable[[int], bool] = lambda i: True, stdin=None):
+        self.sources = sources
+        self.config = config
+        self.mine = mine
+        self.counter = ByteCounter()
+        self.count = 0
+        self.digest = 0
+        self._records = itertools.islice(all_records(sources, config, self.counter, stdin), config.limit)
+        self._first: list[Record] = []
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Bytes of all input files as stored, when every source is a file (progress and ETA)."""
+        sizes = [s.size for s in self.sources]
+        return sum(sizes) if all(s.kind == "file" for s in self.sources) and None not in sizes else None
+
+    def check(self) -> None:
+        """Read and parse the first record now, before a model loads: an empty input or a wrong
+        --text-field fails at once."""
+        first = next(self._records, None)
+        if first is None:
+            names = ", ".join(s.spec for s in self.sources)
+            raise PplError(f"no documents in {'standard input' if names == '-' else names}", EXIT_DATA)
+        to_document(first, self.config)
+        self._first = [first]
+
+    def __iter__(self) -> Iterator[tuple[int, Document]]:
+        records = itertools.chain(self._first, self._records)
+        self._first = []
+        for index, record in enumerate(records):
+            self.count = index + 1
+            if self.mine(index):
+                doc = to_document(record, self.config)
+                self.digest = (self.digest + digest(index, doc)) % 2**256
+                yield index, doc
+
+
+def digest(index: int, doc: Document) -> int:
+    """sha256 of a document's index, id and text, as an integer."""
+    h = hashlib.sha256(json.dumps([index, doc.id], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    h.update(b"\n")
+    h.update(doc.text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "big")
+
+
+def fingerprint(digest_sum: int) -> str:
+    """The data fingerprint: the sum modulo 2^256 of every document's digest. A sum, so the
+    fingerprints of the shards of a run add up to the whole run's."""
+    return f"{FINGERPRINT_PREFIX}{digest_sum % 2**256:064x}"
+
+
+def add_fingerprints(fingerprints: Iterable[str]) -> str:
+    return fingerprint(sum(int(f.removeprefix(FINGERPRINT_PREFIX), 16) for f in fingerprints))
+
+
+def load_documents(config: Config, stdin=None) -> list[Document]:
+    """Every document of config.data as a list (tests and small inputs; runs stream)."""
+    from .sources import resolve_sources
+
+    stream = DocumentStream(resolve_sources(config), config, stdin=stdin)
+    stream.check()
+    return [doc for _, doc in stream]
+
+
+# --- records of each kind of source -----------------------------------------------------------
+
+
+def all_records(sources: list[Source], config: Config, counter: ByteCounter, stdin) -> Iterator[Record]:
+    for source in sources:
+        if source.kind == "builtin":
+            yield from (Record(source, None, doc) for doc in python_docstrings())
+        elif source.kind == "hub":
+            yield from hub_records(source, config)
+        elif source.format == "parquet":
+            yield from parquet_records(source, config, counter)
+        else:
+            stream, source = open_binary(source, counter, stdin)
+            with stream:
+                yield from stream_records(source, stream, config)
+
+
+def stream_records(source: Source, stream: BinaryIO, config: Config) -> Iterator[Record]:
+    fmt = source.format
+    if fmt == "":  # standard input: JSON Lines if its first non-blank line is a record, else text
+        head = []
+        for number, line in read_lines(stream, source):
+            head.append((number, line))
+            if line.strip():
+                break
+        records = head and is_record_line(head[-1][1], config.text_field)
+        source = replace(source, format="jsonl" if records else "text")
+        lines = itertools.chain(head, read_lines(stream, source, start=len(head) + 1))
+        if records:
+            yield from jsonl_records(source, lines)
+        else:
+            yield from text_records(source, stream, config, lines, prefix=b"".join(line for _, line in head))
+    elif fmt == "jsonl":
+        yield from jsonl_records(source, read_lines(stream, source))
+    elif fmt == "text":
+        yield from text_records(source, stream, config, read_lines(stream, source))
+    elif fmt == "wikitext":
+        lines = decoded_lines(read_lines(stream, source), source, config)
+        yield from (Record(source, number, doc) for number, doc in wikitext_articles(lines))
+    elif fmt == "json":
+        yield from json_records(source, stream, config)
+    elif fmt == "csv":
+        yield from csv_records(source, stream, config)
+
+
+def read_lines(stream: BinaryIO, source: Source, start: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes with "\\n") of a binary stream; a read failure names the file and line."""
+    number = start - 1
+    try:
+        for number, line in enumerate(stream, start=start):
+            yield number, line
+    except PplError:
+        raise
+    except Exception as e:  # truncated or corrupt compression, I/O: one line naming where
+        raise PplError(f"{source.name} is truncated or corrupt after line {number}: {first_line(e)}", EXIT_DATA) from None
+
+
+def read_all(stream: BinaryIO, source: Source) -> bytes:
+    try:
+        return stream.read()
+    except Exception as e:
+        raise PplError(f"{source.name} is truncated or corrupt: {first_line(e)}", EXIT_DATA) from None
+
+
+def decode(raw: bytes, name: str, config: Config, line: int | None = None, offset: int = 0) -> str:
+    try:
+        return raw.decode("utf-8", errors=config.encoding_errors)
+    except UnicodeDecodeError as e:
+        where = f"{name} line {line}" if line is not None else name
+        raise PplError(
+            f"{where} is not valid UTF-8 at byte offset {offset + e.start}; use --encoding-errors replace to read it anyway",
+            EXIT_DATA,
+        ) from None
+
+
+def decoded_lines(lines: Iterable[tuple[int, bytes]], source: Source, config: Config) -> Iterator[tuple[int, str]]:
+    """Lines as text, split further where Python's str.splitlines would (\\r, \\u2028, ...), so that
+    documents are exactly what splitting the whole decoded text gives."""
+    offset = 0
+    for number, raw in lines:
+        text = decode(raw, source.name, config, number, offset)
+        offset += len(raw)
+        for part in text.splitlines(keepends=True):
+            yield number, part
+
+
+# JSON Lines
+
+
+def jsonl_records(source: Source, lines: Iterable[tuple[int, bytes]]) -> Iterator[Record]:
+    """Non-blank lines, unparsed: a line of another shard is never decoded."""
+    for number, line in lines:
+        if line.strip():
+            yield Record(source, number, line)
+
+
+def jsonl_document(record: Record, config: Config) -> Document:
+    line = record.payload
+    if record.position == 1 and line.startswith(BOM):
+        line = line[len(BOM) :]
+    where = f"{record.source.name} line {record.position}"
+    text = decode(line, record.source.name, config, record.position)
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PplError(f"{where} is not JSON: {e.msg}", EXIT_DATA) from None
+    if not isinstance(row, dict):
+        raise PplError(f"{where} is not a JSON object", EXIT_DATA)
+    return record_document(row, where, default_id(record), config)
+
+
+def is_record_line(line: bytes, text_field: str) -> bool:
+    if not line.lstrip().startswith((b"{", BOM + b"{")):
+        return False
+    try:
+        row = json.loads(line.removeprefix(BOM))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(row, dict) and text_field in row
+
+
+# JSON, CSV, Parquet
+
+
+def json_records(source: Source, stream: BinaryIO, config: Config) -> Iterator[Record]:
+    """A JSON array of objects, an object holding one such array, or JSON Lines named .json.
+
+    A JSON document is one value, so the file is parsed whole; large corpora belong in JSON Lines.
+    """
+    raw = read_all(stream, source)
+    try:
+        data = json.loads(decode(raw, source.name, config).removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON Lines
+            lines = enumerate(io.BytesIO(raw), start=1)
+            yield from jsonl_records(replace(source, format="jsonl"), lines)
+            return
+        raise PplError(f"{source.name} is not JSON: {e.msg} at line {e.lineno}", EXIT_DATA) from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise PplError(f"{source.name} must hold a list of records (or one key holding it)", EXIT_DATA)
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise PplError(f"{source.name} must hold a list of JSON objects", EXIT_DATA)
+    yield from (Record(source, i, row) for i, row in enumerate(data))
+
+
+def csv_records(source: Source, stream: BinaryIO, config: Config) -> Iterator[Record]:
+    """Rows of a CSV file with a header; position is the line where the row starts."""
+    csv.field_size_limit(2**31 - 1)  # the default, 131,072 characters, is shorter than many documents
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors=config.encoding_errors, newline="")
+    reader = csv.DictReader(text)
+    line = 1
+    while True:
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            raise PplError(f"{source.name} line {reader.line_num} is not valid CSV: {first_line(e)}", EXIT_DATA) from None
+        except UnicodeDecodeError:
+            raise PplError(
+                f"{source.name} is not valid UTF-8 near line {reader.line_num + 1}; use --encoding-errors replace to read it anyway",
+                EXIT_DATA,
+            ) from None
+        except Exception as e:
+            raise PplError(f"{source.name} is truncated or corrupt after line {reader.line_num}: {first_line(e)}", EXIT_DATA) from None
+        if row is None:
+            return
+        yield Record(source, line + 1, row)
+        line = reader.line_num
+
+
+def parquet_records(source: Source, config: Config, counter: ByteCounter, all_columns: bool = False) -> Iterator[Record]:
+    """Rows of a Parquet file, a batch at a time (only the text and id columns unless all_columns);
+    a row becomes Python values only when it is parsed."""
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(open_seekable(source, counter))
+        names = file.schema_arrow.names
+    except PplError:
+        raise
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise PplError(f"cannot read parquet file {source.name}: {first_line(e)}", EXIT_DATA) from None
+    for field in (config.text_field, config.id_field):
+        if field is not None and field not in names:
+            kind = "field" if field == config.text_field else "id field"
+            hint = "; use --text-field" if kind == "field" else ""
+            raise PplError(f"{source.name} has no {kind} {field!r} (fields: {', '.join(names)}){hint}", EXIT_DATA)
+    columns = None if all_columns else [f for f in dict.fromkeys((config.text_field, config.id_field)) if f]
+    rows = file.metadata.num_rows
+    row = 0
+    try:
+        for batch in file.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            for i in range(batch.num_rows):
+                yield Record(source, row, (batch, i))
+                row += 1
+            if not source.compression and rows:
+                counter.bytes += source.size * batch.num_rows // rows
+    except PplError:
+        raise
+    except Exception as e:
+        raise PplError(f"cannot read parquet file {source.name} after row {row}: {first_line(e)}", EXIT_DATA) from None
+    finally:
+        file.close()
+
+
+def table_row(record: Record) -> dict:
+    if record.source.format == "parquet":
+        batch, i = record.payload
+        return {name: column[i].as_py() for name, column in zip(batch.schema.names, batch.columns)}
+    return record.payload
+
+
+# Plain text and WikiText
+
+
+def text_records(source: Source, stream: BinaryIO, config: Config, lines, prefix: bytes = b"") -> Iterator[Record]:
+    """One document per file, per line, or per paragraph (--doc-split)."""
+    if config.doc_split == "file":
+        raw = prefix + read_all(stream, source)
+        if raw:  # zero bytes hold no document
+            yield Record(source, None, decode(raw, source.name, config))
+        return
+    text_lines = decoded_lines(lines, source, config)
+    if config.doc_split == "line":
+        lines_without_ends = ((number, (line.splitlines() or [""])[0]) for number, line in text_lines)
+        yield from (Record(source, number, line) for number, line in lines_without_ends if line.strip())
     else:
-        docs, info = hub_dataset(source, config), {"kind": "hub", "dataset": source}
-    if config.limit is not None:
-        docs = docs[: config.limit]
-    if not docs:
-        raise PplError(f"no documents in {source}", EXIT_DATA)
-    info.update(source=source, documents=len(docs), fingerprint=fingerprint(docs))
-    return docs, info
+        yield from (Record(source, number, part) for number, part in paragraphs(text_lines) if part.strip())
 
 
-def check_option_conflicts(config: Config) -> None:
-    """Options that mean nothing for this kind of source are an error, not silently ignored."""
-    source = config.data
-    local = source in ("-", "python-docstrings") or Path(source).exists() or looks_like_path(source)
-    if local and (config.data_config or config.split):
-        option = "--data-config" if config.data_config else "--split"
-        raise PplError(f"{option} applies to hub datasets, not to {source}")
-    suffix = Path(source).suffix.lower()
-    records = not local or source == "wikitext" or suffix in TABLE_SUFFIXES | WIKITEXT_SUFFIXES
-    if records and config.doc_split != "file":
-        raise PplError(f"--doc-split applies to plain text (.txt, directories, stdin), not to {source}")
+def paragraphs(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """(first line, paragraph) exactly as re.split(PARAGRAPH_BREAK, whole text) gives them, holding
+    one paragraph at a time: the text is cut before a non-blank line that follows a break, where no
+    break can span the cut."""
+    buffer: list[str] = []
+    first = previous = None
+    previous_blank = False
+    for number, line in lines:
+        blank = line.endswith("\n") and not line[:-1].strip(" \t\r\f\v")
+        if not blank and previous_blank and previous is not None and previous > 1 and buffer:
+            yield from split_paragraphs("".join(buffer), first)
+            buffer, first = [], None
+        if first is None:
+            first = number
+        buffer.append(line)
+        previous, previous_blank = number, blank
+    if buffer:
+        yield from split_paragraphs("".join(buffer), first)
 
 
-def looks_like_path(source: str) -> bool:
-    suffix = Path(source).suffix.lower()
-    known = TEXT_SUFFIXES | WIKITEXT_SUFFIXES | TABLE_SUFFIXES
-    return source.startswith((".", "/", "~")) or "\\" in source or suffix in known or source.count("/") > 1
+def split_paragraphs(text: str, first_line_number: int) -> Iterator[tuple[int, str]]:
+    start = 0
+    for match in itertools.chain(PARAGRAPH_BREAK.finditer(text), [None]):
+        end = match.start() if match else len(text)
+        yield first_line_number + text.count("\n", 0, start), text[start:end]
+        if match:
+            start = match.end()
 
 
-def fingerprint(docs: list[Document]) -> str:
-    """sha256 over every document's id and text, so two runs on the same data can be matched."""
-    h = hashlib.sha256()
-    for doc in docs:
-        h.update(json.dumps([doc.id, doc.text], ensure_ascii=False).encode("utf-8"))
-        h.update(b"\n")
-    return "sha256:" + h.hexdigest()
+def wikitext_articles(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Document]]:
+    """(heading line, article) at the ` = Title = ` headings, one article in memory at a time.
 
-
-# --- built-in corpus -------------------------------------------------------------------------
+    Lines before the first heading form a document of their own only if they hold any text.
+    """
+    title, body, start = None, [], 1
+    for number, line in lines:
+        if WIKITEXT_HEADING.match(line.rstrip("\n")):
+            if title is not None or "".join(body).strip():
+                yield start, Document(title, "".join(body))
+            title, body, start = line.strip().strip("=").strip(), [], number
+        body.append(line)
+    if title is not None or "".join(body).strip():
+        yield start, Document(title, "".join(body))
 
 
 def python_docstrings() -> list[Document]:
@@ -109,7 +411,8 @@ def python_docstrings() -> list[Document]:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             continue  # a stripped-down Python without this module's source
-        docstring = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
+        with open(spec.origin, encoding="utf-8") as f:
+            docstring = ast.get_docstring(ast.parse(f.read()))
         if docstring:
             docs.append(Document(name, docstring))
     if not docs:
@@ -117,203 +420,104 @@ def python_docstrings() -> list[Document]:
     return docs
 
 
-# --- local files -----------------------------------------------------------------------------
+# Hugging Face hub
 
 
-def load_path(path: Path, config: Config) -> list[Document]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-        if not files:
-            raise PplError(f"no .txt files in directory {path}", EXIT_DATA)
-        docs = []
-        for file in files:
-            name = file.relative_to(path).as_posix()
-            docs += split_text(read_text(file, config), config.doc_split, name)
-        return docs
-    suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        return split_text(read_text(path, config), config.doc_split, path.name)
-    if suffix in WIKITEXT_SUFFIXES:
-        return wikitext_articles(read_text(path, config).splitlines(keepends=True))
-    if suffix == ".jsonl":
-        return jsonl_records(read_text(path, config), config, path.name)
-    if suffix == ".json":
-        return json_records(read_text(path, config), config, path.name)
-    if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(read_text(path, config), newline="")))
-        return records_to_documents(rows, config, path.name)
-    if suffix == ".parquet":
-        return parquet_records(path, config)
-    known = ", ".join(sorted(TEXT_SUFFIXES | WIKITEXT_SUFFIXES | TABLE_SUFFIXES))
-    raise PplError(f"unknown file type {suffix or '(none)'} for {path}; known: {known}, or a directory", EXIT_DATA)
+def hub_records(source: Source, config: Config) -> Iterator[Record]:
+    """Rows of one split of a hub dataset: from the cache (downloaded once), or with --streaming as
+    they arrive, without downloading the dataset whole."""
+    if source.format == "wikitext":
+        dataset_id, default_config, default_split = WIKITEXT_HUB
+        rows = load_hub_split(dataset_id, config.data_config or default_config, config.split or default_split, config.streaming)
+        lines = ((i, row.get("text", "")) for i, row in enumerate(hub_rows(rows, dataset_id)))
+        yield from (Record(source, number, doc) for number, doc in wikitext_articles(lines))
+        return
+    rows = load_hub_split(source.name, config.data_config, config.split, config.streaming)
+    split = config.split or getattr(rows, "split", None) or "rows"
+    source = replace(source, name=f"{source.name}:{split}")
+    yield from (Record(source, i, row) for i, row in enumerate(hub_rows(rows, source.spec)))
 
 
-def read_text(path: Path, config: Config) -> str:
+def hub_rows(rows, dataset_id: str) -> Iterator[dict]:
+    number = 0
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise PplError(f"cannot read {path}: {e.strerror}", EXIT_DATA) from None
-    return decode(raw, str(path), config)
+        for number, row in enumerate(rows):
+            yield row
+    except PplError:
+        raise
+    except Exception as e:  # a connection lost mid-stream, a bad shard file
+        raise PplError(f"reading dataset {dataset_id} failed after row {number}: {first_line(e)}", EXIT_DATA) from None
 
 
-def decode(raw: bytes, name: str, config: Config) -> str:
-    try:
-        return raw.decode("utf-8", errors=config.encoding_errors)
-    except UnicodeDecodeError as e:
-        raise PplError(
-            f"{name} is not valid UTF-8 at byte offset {e.start}; use --encoding-errors replace to read it anyway",
-            EXIT_DATA,
-        ) from None
-
-
-def split_text(text: str, doc_split: str, name: str) -> list[Document]:
-    """One document per file, per line, or per blank-line-separated paragraph."""
-    if doc_split == "file":
-        return [Document(name, text)]
-    if doc_split == "line":
-        parts = text.splitlines()
-    else:
-        parts = re.split(r"\n(?:[ \t\r\f\v]*\n)+", text)
-    return [Document(f"{name}:{i}", part) for i, part in enumerate(p for p in parts if p.strip())]
-
-
-def wikitext_articles(lines: list[str]) -> list[Document]:
-    """Group WikiText lines into one document per article, at the ` = Title = ` headings.
-
-    Lines before the first heading form a document of their own only if they hold any text.
-    """
-    docs, title, body = [], None, []
-    for line in lines:
-        heading = WIKITEXT_HEADING.match(line.rstrip("\n"))
-        if heading:
-            if title is not None or "".join(body).strip():
-                docs.append(Document(title, "".join(body)))
-            title, body = line.strip().strip("=").strip(), []
-        body.append(line)
-    if title is not None or "".join(body).strip():
-        docs.append(Document(title, "".join(body)))
-    return docs
-
-
-def jsonl_records(text: str, config: Config, name: str) -> list[Document]:
-    rows, labels = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PplError(f"{name} line {number} is not JSON: {e.msg}", EXIT_DATA) from None
-        if not isinstance(row, dict):
-            raise PplError(f"{name} line {number} is not a JSON object", EXIT_DATA)
-        rows.append(row)
-        labels.append(f"line {number}")
-    return records_to_documents(rows, config, name, labels)
-
-
-def json_records(text: str, config: Config, name: str) -> list[Document]:
-    """A JSON array of objects, an object holding one such array, or JSON Lines named .json."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # several top-level values: JSON Lines
-            return jsonl_records(text, config, name)
-        raise PplError(f"{name} is not JSON: {e.msg} at line {e.lineno}", EXIT_DATA) from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise PplError(f"{name} must hold a list of records (or one key holding it)", EXIT_DATA)
-        data = lists[0]
-    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise PplError(f"{name} must hold a list of JSON objects", EXIT_DATA)
-    return records_to_documents(data, config, name)
-
-
-def parquet_records(path: Path, config: Config) -> list[Document]:
-    import pyarrow.parquet as pq  # a dependency of `datasets`
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several unrelated types for a bad file
-        raise PplError(f"cannot read parquet file {path}: {str(e).splitlines()[0]}", EXIT_DATA) from None
-    return records_to_documents(table.to_pylist(), config, path.name)
-
-
-def records_to_documents(rows: list[dict], config: Config, name: str, labels: list[str] | None = None) -> list[Document]:
-    """Take the text (and id) fields of each record, with errors that name the record."""
-    docs = []
-    for number, row in enumerate(rows):
-        where = f"{name} {labels[number] if labels else f'record {number}'}"
-        if config.text_field not in row:
-            fields = ", ".join(map(str, row)) or "none"
-            raise PplError(
-                f"{where} has no field {config.text_field!r} (fields: {fields}); use --text-field",
-                EXIT_DATA,
-            )
-        text = row[config.text_field]
-        if not isinstance(text, str):
-            raise PplError(
-                f"{where}: field {config.text_field!r} is {type(text).__name__}, not a string",
-                EXIT_DATA,
-            )
-        doc_id = None
-        if config.id_field is not None:
-            if config.id_field not in row:
-                fields = ", ".join(map(str, row))
-                raise PplError(f"{where} has no id field {config.id_field!r} (fields: {fields})", EXIT_DATA)
-            doc_id = str(row[config.id_field])
-        docs.append(Document(doc_id, text))
-    return docs
-
-
-def parse_stdin(raw: bytes, config: Config) -> list[Document]:
-    """JSON Lines when every non-blank line is an object with the text field, else plain text."""
-    text = decode(raw, "standard input", config)
-    lines = [line for line in text.splitlines() if line.strip()]
-    if lines and all(is_record_line(line, config.text_field) for line in lines):
-        return jsonl_records(text, config, "standard input")
-    return split_text(text, config.doc_split, "stdin")
-
-
-def is_record_line(line: str, text_field: str) -> bool:
-    if not line.lstrip().startswith("{"):
-        return False
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(row, dict) and text_field in row
-
-
-# --- Hugging Face hub ------------------------------------------------------------------------
-
-
-def wikitext_from_hub(config: Config) -> list[Document]:
-    """WikiText-2 (raw) test split from the hub, one document per article."""
-    dataset_id, default_config, default_split = WIKITEXT_HUB
-    rows = load_hub_split(dataset_id, config.data_config or default_config, config.split or default_split)
-    if "text" not in rows.column_names:
-        raise PplError(f"{dataset_id} has no 'text' column (columns: {', '.join(rows.column_names)})", EXIT_DATA)
-    return wikitext_articles(rows["text"])
-
-
-def hub_dataset(dataset_id: str, config: Config) -> list[Document]:
-    rows = load_hub_split(dataset_id, config.data_config, config.split)
-    return records_to_documents(list(rows), config, dataset_id)
-
-
-def load_hub_split(dataset_id: str, name: str | None, split: str | None):
-    """One split of a hub dataset; without --split, the only split there is."""
+def load_hub_split(dataset_id: str, name: str | None, split: str | None, streaming: bool = False):
+    """One split of a hub dataset (an IterableDataset with streaming); without --split, the only one."""
     import datasets
 
     try:
-        loaded = datasets.load_dataset(dataset_id, name, split=split)
+        loaded = datasets.load_dataset(dataset_id, name, split=split, streaming=streaming)
     except Exception as e:  # datasets raises many types (connection, missing config, missing split)
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = first_line(e)
         hint = "" if "offline" in message.lower() else " (offline? cached datasets load with HF_DATASETS_OFFLINE=1)"
         raise PplError(f"cannot load dataset {dataset_id}: {message}{hint}", EXIT_DATA) from None
-    if isinstance(loaded, datasets.DatasetDict):
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if len(loaded) != 1:
             raise PplError(f"dataset {dataset_id} has splits {', '.join(loaded)}; choose one with --split", EXIT_DATA)
         loaded = next(iter(loaded.values()))
     return loaded
+
+
+# --- records -> documents ---------------------------------------------------------------------
+
+
+def to_document(record: Record, config: Config) -> Document:
+    fmt = record.source.format
+    if fmt == "jsonl":
+        return jsonl_document(record, config)
+    if fmt in ("json", "csv", "parquet", "hub"):
+        return record_document(table_row(record), where(record), default_id(record), config)
+    if isinstance(record.payload, Document):  # WikiText articles, the built-in corpus
+        return record.payload
+    return Document(default_id(record), record.payload)  # plain text
+
+
+def where(record: Record) -> str:
+    """How an error names a record: `corpus.jsonl.gz line 12`, `d.parquet row 5`."""
+    source, position = record.source, record.position
+    if position is None:
+        return source.name
+    if source.format in ("jsonl", "csv", "text", "wikitext"):
+        return f"{source.name} line {position}"
+    return f"{source.name} {'record' if source.format == 'json' else 'row'} {position}"
+
+
+def default_id(record: Record) -> str:
+    """An id that finds the record again: `file:N` is line N (1-based) of a line format,
+    `file[N]` record N (0-based) of a Parquet file, JSON array or hub split."""
+    source, position = record.source, record.position
+    if position is None:
+        return source.name
+    if source.format in ("jsonl", "csv", "text", "wikitext"):
+        return f"{source.name}:{position}"
+    return f"{source.name}[{position}]"
+
+
+def record_document(row: dict, where: str, default: str, config: Config) -> Document:
+    """Take the text (and id) fields of a record, with errors that name the record."""
+    if config.text_field not in row:
+        fields = ", ".join(map(str, row)) or "none"
+        raise PplError(f"{where} has no field {config.text_field!r} (fields: {fields}); use --text-field", EXIT_DATA)
+    text = row[config.text_field]
+    if not isinstance(text, str):
+        raise PplError(f"{where}: field {config.text_field!r} is {type(text).__name__}, not a string", EXIT_DATA)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell a lone surrogate (\\ud800), which is not Unicode text
+            raise PplError(f"{where}: field {config.text_field!r} holds a lone surrogate, not valid Unicode", EXIT_DATA) from None
+    doc_id = default
+    if config.id_field is not None:
+        if config.id_field not in row:
+            fields = ", ".join(map(str, row))
+            raise PplError(f"{where} has no id field {config.id_field!r} (fields: {fields})", EXIT_DATA)
+        doc_id = str(row[config.id_field])
+    return Document(doc_id, text)

@@ -1,7 +1,8 @@
 """`ppl-eval merge`: combine the result directories of `--shard I/N` runs into one report.
 
-The merged summary is computed from all documents exactly as a single run computes it (the
-bootstrap too, over every document), so it equals the unsharded run's.
+The merged summary is computed from all documents' rows, in index order, exactly as a single run
+computes it (the bootstrap too), so it equals the unsharded run's; the data fingerprints of the
+shards add up to the whole input's.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import json
 from pathlib import Path
 
 from .config import Config
-from .errors import EXIT_DATA, PplError
 from .conventions import Windowing
-from .pipeline import Result, build_summary
-from .reports import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, RunDirectory, differing_key, read_lines
+from .documents import add_fingerprints
+from .errors import EXIT_DATA, PplError
+from .pipeline import Result
+from .reports import DOCUMENTS_FILE, ROW_STEMS, RUN_FILE, SUMMARY_FILE, RunDirectory, ascending_runs, differing_key, merged_rows
 from .sharding import parse_shard
+from .summary import build_summary
 
 
 def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwrite: bool = False) -> Result:
@@ -42,27 +45,32 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
         names = ", ".join(f"{i}/{count}" for i in missing)
         raise PplError(f"missing shard{'s' if len(missing) > 1 else ''} {names}; use --allow-partial to merge anyway", EXIT_DATA)
 
-    documents = sorted((row for shard in shards for row in shard["documents"].values()), key=lambda row: row["index"])
     summaries = [shard["summary"] for shard in shards]
     config = Config(**{**first["summary"]["config"], "shard": None, "output": output, "overwrite": overwrite})
     windowing = Windowing.from_description(first["summary"]["windowing"])
     data_info = {k: v for k, v in first["summary"]["data"].items() if k != "shard"}
+    data_info["fingerprint"] = add_fingerprints(s["data"]["fingerprint"] for s in summaries)  # the shards' sums add up
     data_info["shards"] = {"count": count, "merged": sorted(by_index), "missing": missing, "complete": not missing}
-    summary = build_summary(
-        config,
-        documents,
-        sum(s["skipped_documents"] for s in summaries),
-        first["summary"]["model"],
-        data_info,
-        windowing,
-        sum(s["wall_time_s"] for s in summaries),  # device time over all shards
-        sum(s["tokens"] for s in summaries),
-        sum(s["scoring_time_s"] for s in summaries),
-    )
+    timings = {
+        "wall_time_s": sum(s["wall_time_s"] for s in summaries),  # device time over all shards
+        "scoring_time_s": sum(s["scoring_time_s"] for s in summaries),
+        "scored_now": sum(s["tokens"] for s in summaries),
+    }
+    skipped = sum(s["skipped_documents"] for s in summaries)
     run_dir = RunDirectory(output, overwrite)
     run_dir.begin({**first["identity"], "shard": None})
-    run_dir.finish(summary, documents)
-    return Result(summary, documents)
+    given = {}
+    for stem in ROW_STEMS:
+        files = [shard["dir"] / f"{stem}.jsonl" for shard in shards if (shard["dir"] / f"{stem}.jsonl").exists()]
+        if files:
+            given[stem] = merged_rows({path: ascending_runs(path) for path in files})
+    reference_info = first["summary"].get("reference", {}).get("model")
+
+    def summarize(rows, reference=()):
+        return build_summary(config, rows, skipped, first["summary"]["model"], data_info, windowing, timings, reference_info, reference)
+
+    summary = run_dir.finish(summarize, given)
+    return Result(summary, run_dir.documents)
 
 
 def read_shard(path: Path) -> dict:
@@ -81,7 +89,6 @@ def read_shard(path: Path) -> dict:
         "dir": path,
         "identity": identity,
         "summary": summary,
-        "documents": read_lines(path / DOCUMENTS_FILE),
         "index": index,
         "count": count,
     }

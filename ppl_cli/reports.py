@@ -3,23 +3,27 @@ short human summary."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
+import heapq
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import EXIT_OUTPUT, PplError
 from .metrics import METRIC_KEYS
 
 RUN_FILE = "run.json"  # what the run is, to check a resume against
+DOCUMENTS_STEM = "documents"
 DOCUMENTS_FILE = "documents.jsonl"
+REFERENCE_STEM = "reference"  # reference.jsonl: a --reference-model run's per-document histograms
+ROW_STEMS = (DOCUMENTS_STEM, REFERENCE_STEM)  # the files of per-document lines, STEM.jsonl
 CSV_FILE = "documents.csv"
 SUMMARY_FILE = "summary.json"
 OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
-RANK_PREFIX = "documents.rank-"
 DOCUMENT_COLUMNS = ("index", "id", *METRIC_KEYS)
 
 
@@ -27,14 +31,21 @@ class RunDirectory:
     """An output directory that survives a kill at any moment.
 
     documents.jsonl gets one line per finished document (flushed and fsynced per group), so a
-    restarted run skips them; every other file is written whole to a temp file and renamed.
+    restarted run skips them; every other file is written whole to a temp file and renamed. Files
+    of per-document lines beside it (reference.jsonl) are appended first, in the same way. Under
+    torchrun each rank appends to its own STEM.rank-R.jsonl and rank 0 joins them at the end. Lines
+    are joined in index order by merging the files' ascending runs, so nothing is held in memory.
+    Without -o a temporary directory ("spool") holds documents.jsonl and nothing else.
     """
 
-    def __init__(self, path: str, overwrite: bool, rank: int = 0, world: int = 1):
+    def __init__(self, path: str | Path, overwrite: bool = False, rank: int = 0, world: int = 1, spool: bool = False):
         self.path = Path(path)
-        # Under torchrun each rank appends to its own file; rank 0 joins them at the end.
-        self.appends_to = DOCUMENTS_FILE if world == 1 else f"{RANK_PREFIX}{rank}.jsonl"
-        if rank != 0:
+        self.spool = spool
+        self.rank, self.world = rank, world
+        self.snapshot: dict[str, int] = {}  # bytes of STEM.jsonl that an earlier run wrote
+        self.last_index: dict[str, int] = {}  # the highest index appended to each STEM.jsonl so far
+        self.in_order: dict[str, bool] = {}  # every line appended came after the ones before
+        if rank != 0 or spool:
             return  # rank 0 checks and prepares the directory
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -43,17 +54,44 @@ class RunDirectory:
         except OSError as e:
             raise PplError(f"output directory {path} is not writable: {e.strerror}", EXIT_OUTPUT) from None
         if overwrite:
-            for path in self.own_files():
-                path.unlink()
+            for own in self.own_files():
+                own.unlink()
 
-    def begin(self, identity: dict) -> dict[int, dict]:
-        """Record what this run is; return the documents an earlier run of it already finished."""
+    @property
+    def documents(self) -> Path:
+        return self.path / DOCUMENTS_FILE
+
+    def whole(self, stem: str) -> Path:
+        return self.path / f"{stem}.jsonl"
+
+    def rank_file(self, rank: int, stem: str = DOCUMENTS_STEM) -> Path:
+        return self.path / f"{stem}.rank-{rank}.jsonl"
+
+    def rank_files(self, stem: str | None = None) -> list[Path]:
+        """STEM.rank-R.jsonl of an unfinished torchrun run (every stem's when none is named)."""
+        stems = [stem] if stem else ROW_STEMS
+        return sorted(p for s in stems for p in self.path.glob(f"{s}.rank-*.jsonl"))
+
+    def row_files(self, stem: str = DOCUMENTS_STEM) -> list[Path]:
+        return [p for p in [self.whole(stem), *self.rank_files(stem)] if p.exists()]
+
+    def stems(self) -> list[str]:
+        """documents, then the other kinds of per-document file this directory holds."""
+        return [DOCUMENTS_STEM, *(stem for stem in ROW_STEMS[1:] if self.row_files(stem))]
+
+    def own_files(self) -> list[Path]:
+        files = [self.path / name for name in OWN_FILES] + [self.whole(s) for s in self.stems()] + self.rank_files()
+        return sorted({p for p in files if p.exists()})
+
+    def begin(self, identity: dict) -> None:
+        """Record what this run is, or check it against the run already here; join what an earlier
+        run left (rank files, lines out of order) into one STEM.jsonl each, in index order."""
         run_file = self.path / RUN_FILE
         if not run_file.exists():
             if self.own_files():
                 raise PplError(f"{self.path} holds results of another run; use --overwrite to replace them", EXIT_OUTPUT)
             write_atomic(run_file, json.dumps(identity, indent=2) + "\n")
-            return {}
+            return
         try:
             previous = json.loads(run_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -65,37 +103,90 @@ class RunDirectory:
                 " use --overwrite to replace it or another -o",
                 EXIT_OUTPUT,
             )
-        return self.finished_documents()
+        for stem in self.stems():
+            parts = self.row_files(stem)
+            runs = {path: ascending_runs(path) for path in parts}
+            if len(parts) > 1 or any(len(r) > 1 for r in runs.values()):
+                with atomic_writer(self.whole(stem)) as out:
+                    for row in merged_rows(runs):
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                for part in self.rank_files(stem):
+                    part.unlink()
+            if self.whole(stem).exists():
+                self.snapshot[stem] = self.whole(stem).stat().st_size
+                self.last_index[stem] = last_index(self.whole(stem))
 
-    def rank_files(self) -> list[Path]:
-        """documents.rank-R.jsonl of an unfinished torchrun run."""
-        return sorted(self.path.glob(f"{RANK_PREFIX}*.jsonl"))
+    def done_rows(self) -> Iterator[dict]:
+        """The rows an earlier run finished, in index order (read lazily, as the run goes)."""
+        if not self.documents.exists():
+            return iter(())
+        return read_rows(self.documents, 0, self.snapshot.get(DOCUMENTS_STEM, self.documents.stat().st_size))
 
-    def own_files(self) -> list[Path]:
-        return [p for p in [self.path / name for name in OWN_FILES] + self.rank_files() if p.exists()]
+    def append(self, rows: list[dict], side: dict[str, list[dict]] | None = None) -> None:
+        """A group's lines: the per-document files beside documents.jsonl first, then its rows, so a
+        row on disk always has its other lines (a duplicate after a kill is dropped when joined)."""
+        for stem, lines in (side or {}).items():
+            self.append_lines(stem, lines)
+        self.append_lines(DOCUMENTS_STEM, rows)
 
-    def finished_documents(self) -> dict[int, dict]:
-        """Documents in documents.jsonl and the ranks' files of an interrupted torchrun run."""
-        done = {}
-        for path in [self.path / DOCUMENTS_FILE, *self.rank_files()]:
-            if path.exists():
-                done.update(read_lines(path))
-        return done
-
-    def append(self, rows: list[dict]) -> None:
-        with open(self.path / self.appends_to, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    def append_lines(self, stem: str, lines: list[dict]) -> None:
+        target = self.whole(stem) if self.world == 1 else self.rank_file(self.rank, stem)
+        with open(target, "a", encoding="utf-8") as f:
+            last = self.last_index.get(stem, -1)
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                if line["index"] <= last:
+                    self.in_order[stem] = False
+                last = max(last, line["index"])
+            self.last_index[stem] = last
             f.flush()
             os.fsync(f.fileno())
 
-    def finish(self, summary: dict, documents: list[dict]) -> None:
-        """Rewrite documents.jsonl in input order, then the CSV and the summary, each atomically."""
-        write_atomic(self.path / DOCUMENTS_FILE, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
+    def finish(self, summarize: Callable[..., dict], given: dict[str, Iterable[dict]] | None = None) -> dict:
+        """One pass over every per-document file in index order (the lines `given` for a stem, else
+        the files here): each rewritten if it is not already one file in order, documents.csv, and
+        summary.json from summarize(rows, **{other stem: its lines})."""
+        given = given or {}
+        stems = list(dict.fromkeys([*self.stems(), *given]))
+        with contextlib.ExitStack() as files:
+            streams = {}
+            for stem in stems:
+                parts = self.row_files(stem)
+                rewrite = stem in given or parts != [self.whole(stem)] or not self.in_order.get(stem, True)
+                lines = given.get(stem)
+                if lines is None:
+                    lines = merged_rows({p: ascending_runs(p) for p in parts}) if rewrite else read_rows(self.whole(stem))
+                if rewrite:
+                    lines = written(lines, files.enter_context(atomic_writer(self.whole(stem))))
+                streams[stem] = lines
+            if not self.spool:
+                table = csv.DictWriter(
+                    files.enter_context(atomic_writer(self.path / CSV_FILE)), DOCUMENT_COLUMNS, extrasaction="ignore", lineterminator="\n"
+                )
+                table.writeheader()
+                streams[DOCUMENTS_STEM] = tabled(streams[DOCUMENTS_STEM], table)
+            rows = streams.pop(DOCUMENTS_STEM)
+            summary = summarize(rows, **streams)
+            for lines in streams.values():  # every file rewritten to its end, whether summarize read it or not
+                for _ in lines:
+                    pass
         for part in self.rank_files():
             part.unlink()
-        write_atomic(self.path / CSV_FILE, documents_csv(documents))
-        write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        if not self.spool:
+            write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        return summary
+
+
+def written(lines: Iterable[dict], out) -> Iterator[dict]:
+    for line in lines:
+        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        yield line
+
+
+def tabled(rows: Iterable[dict], table) -> Iterator[dict]:
+    for row in rows:
+        table.writerow(row)
+        yield row
 
 
 def differing_key(a: dict, b: dict, skip: str | None = None) -> str | None:
@@ -106,29 +197,72 @@ def differing_key(a: dict, b: dict, skip: str | None = None) -> str | None:
     return None
 
 
-def read_lines(path: Path) -> dict[int, dict]:
-    """Document lines by index; a torn last line (a kill mid-write) is cut off the file."""
-    done, good_bytes = {}, 0
+def ascending_runs(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges of the file's runs of rows in increasing index order; a torn last line (a kill
+    mid-write) is cut off the file."""
+    runs, start, offset, last = [], 0, 0, None
     with open(path, "rb") as f:
         for line in f:
             try:
-                row = json.loads(line)
-                done[row["index"]] = row
+                index = json.loads(line)["index"]
             except (ValueError, KeyError, TypeError):
                 break
-            good_bytes += len(line)
-    if good_bytes < path.stat().st_size:
+            if last is not None and index <= last:
+                runs.append((start, offset))
+                start = offset
+            last, offset = index, offset + len(line)
+    if offset < path.stat().st_size:
         with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return done
+            f.truncate(offset)
+    if offset > start:
+        runs.append((start, offset))
+    return runs
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it: readers never see half a file."""
+def read_rows(path: Path, start: int = 0, end: int | None = None) -> Iterator[dict]:
+    """The rows in bytes [start, end) of a documents file."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        position = start
+        for line in f:
+            if end is not None and position >= end:
+                return
+            position += len(line)
+            yield json.loads(line)
+
+
+def merged_rows(runs: dict[Path, list[tuple[int, int]]]) -> Iterator[dict]:
+    """Rows of several ascending runs merged in index order; an index seen twice is kept once."""
+    streams = [read_rows(path, start, end) for path, ranges in runs.items() for start, end in ranges]
+    last = None
+    for row in heapq.merge(*streams, key=lambda row: row["index"]):
+        if row["index"] != last:
+            yield row
+            last = row["index"]
+
+
+def last_index(path: Path) -> int:
+    """The index of the last row of a documents file (-1 when empty)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - (1 << 16)))
+        tail = f.read().splitlines()
+    for line in reversed(tail):
+        try:
+            return json.loads(line)["index"]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return max((row["index"] for row in read_rows(path)), default=-1)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator:
+    """A text file beside `path`, fsynced and renamed over it on success: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -137,12 +271,9 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def documents_csv(documents: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=DOCUMENT_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(documents)
-    return buffer.getvalue()
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_writer(path) as f:
+        f.write(text)
 
 
 def format_summary(summary: dict) -> str:

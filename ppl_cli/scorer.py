@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,11 +40,28 @@ class Job(NamedTuple):
         return len(self.tokens) - self.context
 
 
+class Scored(NamedTuple):
+    """One job's sums over its scored tokens (float64, keys as in documents.jsonl) and, when the
+    scorer keeps them, its per-token values in order (numpy, keys as in TOKEN_VALUES)."""
+
+    sums: dict[str, float]
+    tokens: dict[str, np.ndarray] | None = None
+
+
+# Per-token values: the NLL always; with a reference model P the NLL under P, KL(P || Q) over the
+# whole vocabulary, whether both models' most likely tokens agree, and delta_p = q(token) - p(token);
+# for --save-tokens the entropy of Q's distribution and the token's rank in it (1 = most likely).
+TOKEN_VALUES = ("nll", "ref_nll", "kld", "same_top", "delta_p", "entropy", "rank")
+
+
 class Scorer:
-    def __init__(self, model, device, max_batch_tokens: int):
+    def __init__(self, model, device, max_batch_tokens: int, reference: Scorer | None = None, keep: tuple[str, ...] = ()):
+        """`reference`: a second model's Scorer, run on the same windows; `keep`: per-token values to return."""
         self.model = model
         self.device = device
         self.max_batch_tokens = max_batch_tokens
+        self.reference = reference
+        self.keep = keep
         self.decoder = model.base_model
         self.head = model.get_output_embeddings()
         use_blocked_attention(model)  # bfloat16 on CPU only
@@ -52,17 +70,17 @@ class Scorer:
         # Models that post-process logits (soft-capping, scaling) need the full forward.
         self.split_head = head_reproduces_logits(model, device)
 
-    def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
-        """(NLL sum, sum of squared per-token NLLs) of each job's scored tokens, in nats, float64."""
-        totals = [(0.0, 0.0)] * len(jobs)
+    def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[Scored]:
+        """The sums (and kept per-token values) of each job's scored tokens, in nats."""
+        totals: list[Scored] = [Scored({})] * len(jobs)
         for batch in plan_batches([job.reads for job in jobs], self.max_batch_tokens):
-            for index, nll in zip(batch, self.score_batch([jobs[i] for i in batch])):
-                totals[index] = nll
+            for index, scored in zip(batch, self.score_batch([jobs[i] for i in batch])):
+                totals[index] = scored
             if on_tokens:
                 on_tokens(sum(jobs[i].scored for i in batch))
         return totals
 
-    def score_batch(self, jobs: list[Job]) -> list[tuple[float, float]]:
+    def score_batch(self, jobs: list[Job]) -> list[Scored]:
         """Score one batch; on CUDA out-of-memory, score it in halves (same numbers, smaller batches)."""
         try:
             with torch.inference_mode():
@@ -76,7 +94,7 @@ class Scorer:
             self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
             return self.score_batch(jobs[:half]) + self.score_batch(jobs[half:])
 
-    def forward(self, jobs: list[Job]) -> list[tuple[float, float]]:
+    def forward(self, jobs: list[Job]) -> list[Scored]:
         width = max(job.reads for job in jobs)
         inputs = torch.full((len(jobs), width), PAD_ID, dtype=torch.long)
         rows, targets, owner = [], [], []
@@ -91,22 +109,65 @@ class Scorer:
         rows = torch.cat(rows).to(self.device)
         targets = torch.cat(targets).to(self.device)
         owner = torch.cat(owner).to(self.device)
+        values = self.token_values(inputs, rows, targets)  # name -> [N]
+        for name in ("nll", "kld"):
+            if name in values and not torch.isfinite(values[name]).all():
+                raise PplError(
+                    f"non-finite log-probability in {str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
+                    " (overflow?); rerun with --dtype float32",
+                    EXIT_NUMERIC,
+                )
+        columns = summed_columns(values)
+        sums = torch.zeros(len(jobs), len(columns), dtype=torch.float64, device=rows.device)  # [B, K]
+        sums.index_add_(0, owner, torch.stack(list(columns.values()), dim=1))
+        per_job = [dict(zip(columns, row)) for row in sums.tolist()]
+        if not self.keep:
+            return [Scored(s) for s in per_job]
+        counts = [job.scored for job in jobs]
+        kept = {name: values[name].cpu().numpy() for name in self.keep}
+        kept["token_id"] = targets.cpu().numpy()
+        bounds = np.cumsum([0, *counts])
+        return [Scored(s, {k: v[bounds[b] : bounds[b + 1]] for k, v in kept.items()}) for b, s in enumerate(per_job)]
+
+    def positions(self, inputs: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module | None]:
+        """Decoder hidden states [N, H] at the scored rows and the LM head, or (models whose logits
+        are not lm_head(hidden)) the logits [N, V] and None."""
         if self.split_head:
             hidden = self.decoder(input_ids=inputs, use_cache=False).last_hidden_state  # [B, width, H]
-            nll = token_nll(hidden.reshape(-1, hidden.shape[-1])[rows], targets, self.head)  # [N]
-        else:
-            logits = self.model(input_ids=inputs, use_cache=False).logits  # [B, width, V]
-            nll = token_nll(logits.reshape(-1, logits.shape[-1])[rows], targets, None)
-        if not torch.isfinite(nll).all():
-            raise PplError(
-                f"non-finite log-probability in {str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
-                " (overflow?); rerun with --dtype float32",
-                EXIT_NUMERIC,
-            )
-        nll = nll.double()
-        sums = torch.zeros(len(jobs), 2, dtype=torch.float64, device=nll.device)  # [B, (sum, sum of squares)]
-        sums.index_add_(0, owner, torch.stack([nll, nll * nll], dim=1))
-        return [tuple(row) for row in sums.tolist()]
+            return hidden.reshape(-1, hidden.shape[-1])[rows], self.head
+        logits = self.model(input_ids=inputs, use_cache=False).logits  # [B, width, V]
+        return logits.reshape(-1, logits.shape[-1])[rows], None
+
+    def token_values(self, inputs, rows, targets) -> dict[str, torch.Tensor]:
+        hidden, head = self.positions(inputs, rows)
+        if self.reference is None and not self.keep:
+            return {"nll": token_nll(hidden, targets, head)}
+        reference = None
+        if self.reference is not None:
+            ref = self.reference
+            reference = ref.positions(inputs.to(ref.device), rows.to(ref.device))
+        return token_details(hidden, targets, head, reference, wanted=self.keep)
+
+
+def summed_columns(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-token columns whose sums a document row keeps (float64), so that documents, shards
+    and ranks add up exactly to the corpus statistics."""
+    nll = values["nll"].double()
+    columns = {"nll_sum": nll, "nll_sq_sum": nll * nll}
+    if "kld" in values:
+        ref_nll, kld, delta_p = values["ref_nll"].double(), values["kld"].double(), values["delta_p"].double()
+        columns.update(
+            ref_nll_sum=ref_nll,
+            ref_nll_sq_sum=ref_nll * ref_nll,
+            nll_ref_nll_sum=nll * ref_nll,
+            kld_sum=kld,
+            kld_sq_sum=kld * kld,
+            same_top=values["same_top"].double(),
+            delta_p_sum=delta_p,
+            delta_p_sq_sum=delta_p * delta_p,
+            delta_p_4_sum=delta_p**4,
+        )
+    return columns
 
 
 def token_nll(rows: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
@@ -118,6 +179,41 @@ def token_nll(rows: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
         part = rows[start : start + chunk]
         logits = (head(part) if head is not None else part).float()  # [chunk, V]
         out[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+    return out
+
+
+def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Per-token values [N] from Q's hidden states (or logits) and, when given, the reference model
+    P's (rows, head), a chunk of rows at a time so no [N, V] tensor is held. The NLL equals
+    token_nll's bit for bit (log-softmax, then the target's entry, as cross_entropy computes it)."""
+    vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
+    if reference is not None:
+        ref_rows, ref_head = reference
+        ref_vocab = ref_head.weight.shape[0] if ref_head is not None else ref_rows.shape[-1]
+        if ref_vocab != vocab:
+            raise PplError(f"the models' vocabularies differ in size ({vocab} vs {ref_vocab} for the reference)", EXIT_MODEL)
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab // (3 if reference is not None else 2))
+    names = ["nll", *(n for n in ("entropy", "rank") if n in wanted)] + (["ref_nll", "kld", "same_top", "delta_p"] if reference else [])
+    out = {name: torch.empty(len(targets), dtype=torch.float32, device=rows.device) for name in names}
+    for start in range(0, len(targets), chunk):
+        part = slice(start, start + chunk)
+        target = targets[part].unsqueeze(1)  # [c, 1]
+        logq = F.log_softmax((head(rows[part]) if head is not None else rows[part]).float(), dim=-1)  # [c, V]
+        own = logq.gather(1, target)  # [c, 1]
+        out["nll"][part] = -own[:, 0]
+        if "entropy" in out:
+            out["entropy"][part] = -(logq.exp() * logq).sum(-1)
+        if "rank" in out:
+            out["rank"][part] = (logq > own).sum(-1) + 1
+        if reference is not None:
+            ref_part = ref_rows[part.start : part.stop]
+            ref_logits = ref_head(ref_part) if ref_head is not None else ref_part
+            logp = F.log_softmax(ref_logits.float().to(logq.device), dim=-1)  # [c, V]
+            ref_own = logp.gather(1, target)[:, 0]
+            out["ref_nll"][part] = -ref_own
+            out["kld"][part] = (logp.exp() * (logp - logq)).sum(-1)  # KL(P || Q), nats
+            out["same_top"][part] = (logp.argmax(-1) == logq.argmax(-1)).float()
+            out["delta_p"][part] = own[:, 0].exp() - ref_own.exp()
     return out
 
 

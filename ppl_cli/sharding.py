@@ -1,8 +1,14 @@
-"""Splitting documents into token-balanced shares: for --shard I/N and for torchrun ranks. Pure."""
+"""Which documents a process scores, for --shard I/N and torchrun ranks. Pure functions.
+
+The rule depends only on a document's index (its position in the whole input), so every process
+knows its share while it reads, without knowing the rest of the corpus: document d belongs to
+shard d mod N, and within a shard its documents are dealt round-robin to the ranks.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .errors import PplError
 
@@ -18,22 +24,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def balanced_split(sizes: list[int], parts: int) -> list[list[int]]:
-    """Indices of `sizes` in `parts` shares of about equal total size, each share in input order.
+def share(shard: str | None, rank: int = 0, world: int = 1, joined: bool = False) -> Callable[[int], bool]:
+    """Whether document d is this process's: shard d mod N, then rank (d div N) mod world.
 
-    Largest first, each to the share with the smallest total so far (ties: the lower share), which
-    depends only on the sizes: every process computes the same split without talking to the others.
+    A convention that joins all documents into one sequence scores it in shard 0, rank 0.
     """
-    totals = [0] * parts
-    shares: list[list[int]] = [[] for _ in range(parts)]
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        target = min(range(parts), key=lambda p: (totals[p], p))
-        shares[target].append(i)
-        totals[target] += sizes[i]
-    return [sorted(share) for share in shares]
-
-
-def select(indices: list[int], sizes: list[int], index: int, parts: int) -> list[int]:
-    """Share `index` of `parts` of the documents `indices` (whose sizes are sizes[i])."""
-    share = balanced_split([sizes[i] for i in indices], parts)[index]
-    return [indices[k] for k in share]
+    index, count = parse_shard(shard) if shard else (0, 1)
+    if joined:
+        return lambda d: index == 0 and rank == 0
+    return lambda d: d % count == index and (d // count) % world == rank

@@ -39,7 +39,8 @@ from ppl_cli import Config  # noqa: E402
 from ppl_cli.documents import load_documents  # noqa: E402
 from ppl_cli.model import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
 from ppl_cli.conventions import Windowing  # noqa: E402
-from ppl_cli.pipeline import default_batch_tokens, score_documents  # noqa: E402
+from ppl_cli.pipeline import default_batch_tokens  # noqa: E402
+from ppl_cli.results import score_documents  # noqa: E402
 from ppl_cli import scorer as scorer_module  # noqa: E402
 from ppl_cli.scorer import Job, Scorer  # noqa: E402
 from ppl_cli.windows import lm_eval_windows, sliding_windows  # noqa: E402
@@ -181,7 +182,7 @@ def run_engine(args) -> dict:
 
 def load_inputs(args):
     """The model in float32, the benchmark documents, and their joined text's token ids."""
-    docs, _ = load_documents(Config(data=args.data, limit=args.articles))
+    docs = load_documents(Config(data=args.data, limit=args.articles))
     lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
     ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
     return lm, docs, ids
@@ -193,7 +194,7 @@ def real_lm_eval(args) -> bool:
 
 
 def document_nll(scorer, ids, windowing) -> float:
-    return sum(nll for _, nll, _ in score_documents(scorer, [ids], windowing, None)[0])
+    return sum(s.sums["nll_sum"] for _, s in score_documents(scorer, [ids], windowing, None)[0])
 
 
 def forward_floor(scorer, sequence, windowing, scored):
@@ -344,7 +345,7 @@ def paired_windows(args) -> None:
         with loss_taken_out():
             scorer.score([job])
 
-    engines = {baseline_name: baseline, "ppl-eval": lambda: scorer.score([job])[0][0], "floor": floor}
+    engines = {baseline_name: baseline, "ppl-eval": lambda: scorer.score([job])[0].sums["nll_sum"], "floor": floor}
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     log(f"{args.model}: one {args.convention} window of {window} tokens, {job.scored} scored, {args.paired} rounds")
     expected, got, _ = (run() for run in engines.values())  # warm-up, untimed; the two NLL sums agree

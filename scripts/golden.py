@@ -14,6 +14,10 @@ is committed and tests/test_conventions.py compares ppl-eval against it.
   built from the llama.cpp sources vendored in the llama-cpp-python sdist (tools/perplexity).
 - hf-recipe: the code of the Hugging Face guide "Perplexity of fixed-length models", verbatim,
   on the articles joined with "\\n\\n"; also the exact per-token NLL sum of the same windows.
+- llama-cpp-kl: `llama-quantize --allow-requantize --pure` makes a Q4_0 GGUF from the Q4_1 one, then
+  `llama-perplexity --kl-divergence-base` on the Q4_1 model and `--kl-divergence` on the Q4_0 one
+  (the same text and window). It checks that gguf-py's Q4_0 quantizer reproduces every tensor of
+  that file byte for byte, so the test rebuilds the Q4_0 model in memory without llama.cpp.
 """
 
 from __future__ import annotations
@@ -77,10 +81,11 @@ def main() -> None:
     parser.add_argument("--articles", type=int, default=3)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
-    parser.add_argument("--only", choices=["hf-recipe"], help="recompute one tool's values, keep the rest")
+    parser.add_argument("--llama-quantize", help="the llama-quantize binary (default: beside llama-perplexity)")
+    parser.add_argument("--only", choices=["hf-recipe", "llama-cpp-kl"], help="recompute one tool's values, keep the rest")
     args = parser.parse_args()
 
-    docs, _ = load_documents(Config(data=str(DATA), limit=args.articles))
+    docs = load_documents(Config(data=str(DATA), limit=args.articles))
     texts = [d.text for d in docs]
     source = resolve_model("smollm2-135m")
     gguf_path = Path(source.location) / SMOLLM2_FILE
@@ -92,13 +97,16 @@ def main() -> None:
     }
     if args.only:
         golden = json.loads(OUT.read_text())
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if not args.only:
             golden["lm-eval"] = run_lm_eval(args, texts, source.location, tmp, detokenize=False)
             golden["lm-eval-detokenized"] = run_lm_eval(args, texts, source.location, tmp, detokenize=True)
             golden["llama-cpp"] = run_llama_cpp(args, texts, gguf_path, tmp)
-    golden["hf-recipe"] = run_hf_recipe(args, texts, source)
+        if args.only in (None, "llama-cpp-kl"):
+            golden["llama-cpp-kl"] = run_llama_cpp_kl(args, texts, gguf_path, tmp)
+    if args.only in (None, "hf-recipe"):
+        golden["hf-recipe"] = run_hf_recipe(args, texts, source)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(golden, indent=2) + "\n")
     print(f"wrote {OUT}")
@@ -154,6 +162,76 @@ def run_llama_cpp(args, texts, gguf_path: Path, tmp: Path) -> dict:
         "chunks": int(chunks[1]),
         "add_bos": bool(add_bos.parts[-1][0]) if add_bos else None,  # llama.cpp's BOS rule for this GGUF
     }
+
+
+KL_NUMBER = r"(-?[0-9.]+)"
+KL_LINES = {  # llama-perplexity's summary lines -> keys (values in %, as printed, are divided by 100)
+    "ppl": r"Mean PPL\(Q\)\s*:\s*{n}\s*±\s*{n}",
+    "ppl_base": r"Mean PPL\(base\)\s*:\s*{n}\s*±\s*{n}",
+    "nll_correlation": r"Cor\(ln\(PPL\(Q\)\), ln\(PPL\(base\)\)\):\s*{n}%",
+    "ln_ppl_ratio": r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*{n}\s*±\s*{n}",
+    "ppl_ratio": r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*{n}\s*±\s*{n}",
+    "kld_mean": r"Mean\s+KLD:\s*{n}\s*±\s*{n}",
+    "delta_p_mean": r"Mean\s+Δp:\s*{n}\s*±\s*{n} %",
+    "delta_p_rms": r"RMS Δp\s*:\s*{n}\s*±\s*{n} %",
+    "same_top_p": r"Same top p:\s*{n}\s*±\s*{n} %",
+}
+PERCENTILE_LINES = {"Maximum": "max", "99.9%": "99.9", "99.0%": "99", "95.0%": "95", "90.0%": "90", "75.0%": "75", "Median": "median",
+                    "25.0%": "25", "10.0%": "10", " 5.0%": "5", " 1.0%": "1", " 0.1%": "0.1", "Minimum": "min"}  # fmt: skip
+
+
+def run_llama_cpp_kl(args, texts, gguf_path: Path, tmp: Path) -> dict:
+    import gguf
+    import numpy as np
+
+    quantize = args.llama_quantize or str(Path(args.llama_perplexity).with_name("llama-quantize"))
+    q4_0 = tmp / "q4_0.gguf"
+    subprocess.run([quantize, "--allow-requantize", "--pure", str(gguf_path), str(q4_0), "Q4_0", "2"], check=True, capture_output=True)
+    base_tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    reproduced = 0
+    for t in gguf.GGUFReader(str(q4_0)).tensors:
+        if t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+            b = base_tensors[t.name]
+            mine = gguf.quants.quantize(gguf.quants.dequantize(b.data, b.tensor_type).astype(np.float32), t.tensor_type)
+            assert np.array_equal(mine.view(np.uint8).ravel(), np.asarray(t.data).view(np.uint8).ravel()), t.name
+            reproduced += 1
+    out = {"quantization": "Q4_0 (llama-quantize --allow-requantize --pure)", "tensors_reproduced_by_gguf_py": reproduced}
+    out["rebuilt_in_memory"] = rebuilt_equals_loaded(gguf_path, q4_0)
+    text = tmp / "joined.txt"
+    text.write_text("\n\n".join(texts))
+    base_logits = tmp / "base.kld"
+    common = ["-c", str(args.window), "-t", "2", "--kl-divergence-base", str(base_logits)]
+    subprocess.run([args.llama_perplexity, "-m", str(gguf_path), "-f", str(text), *common], check=True, capture_output=True)
+    done = subprocess.run([args.llama_perplexity, "-m", str(q4_0), *common, "--kl-divergence"], check=True, capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    for key, pattern in KL_LINES.items():
+        found = re.search(pattern.format(n=KL_NUMBER), log)
+        scale = 0.01 if pattern.endswith("%") else 1.0
+        value = [round(float(found[i]) * scale, 9) for i in range(1, found.lastindex + 1)]
+        out[key] = {"value": value[0], "uncertainty": value[1]} if len(value) == 2 else value[0]
+    for kind, unit in (("KLD", 1.0), ("Δp", 0.01)):
+        out[f"{'kld' if kind == 'KLD' else 'delta_p'}_percentiles"] = {
+            key: round(float(found[1]) * unit, 9)
+            for label, key in PERCENTILE_LINES.items()
+            if (found := re.search(rf"^{re.escape(label)}\s+{kind}:\s*{KL_NUMBER}", log, re.M))
+        }
+    return out
+
+
+def rebuilt_equals_loaded(base: Path, quantized: Path) -> bool:
+    """tests/reference.py's requantized(base model) equals transformers' load of the quantized GGUF."""
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference import requantized
+
+    def load(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+    rebuilt, loaded = requantized(load(base)), load(quantized)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), loaded.state_dict().values()))
+    return True
 
 
 def run_hf_recipe(args, texts, source) -> dict:

@@ -109,3 +109,22 @@ def hf_guide_published(model, ids: list[int], max_length: int, stride: int) -> t
         if end_loc == len(ids):
             break
     return nll_sum, n_tokens
+
+
+def requantized(model, quantization: str = "Q4_0"):
+    """The model with every matrix (linear weights, embeddings) quantized to a GGUF type and back,
+    as `llama-quantize --pure` then transformers' GGUF loading make it: blocks run along each row,
+    so the row permutations transformers applies to GGUF attention weights do not change them."""
+    import copy
+
+    import gguf
+    import numpy as np
+
+    out = copy.deepcopy(model)
+    kind = gguf.GGMLQuantizationType[quantization]
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.dim() == 2:
+                q = gguf.quants.quantize(p.detach().float().numpy(), kind)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, kind).astype(np.float32)))
+    return out

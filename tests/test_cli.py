@@ -1,6 +1,7 @@
 """Every command through click's CliRunner (or a subprocess where a real process matters)."""
 
 import csv
+import re
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_json_output_parses_and_holds_the_metrics(tiny_gpt2, corpus_jsonl):
     assert summary["documents"] == 9 and summary["skipped_documents"] == 0
     assert summary["config"]["window"] == 64 and summary["windowing"] == {"convention": "sliding", "window": 64, "stride": 32, "add_bos": True}
     assert summary["model"]["device"] == "cpu" and summary["model"]["dtype"] == "float32"
-    assert summary["data"]["fingerprint"].startswith("sha256:")
+    assert re.fullmatch(r"sha256-sum:[0-9a-f]{64}", summary["data"]["fingerprint"])
     assert summary["versions"]["torch"] and summary["tokens_per_second"] > 0
     low, high = summary["bootstrap"]["token_perplexity"]
     assert low <= summary["token_perplexity"] <= high

@@ -1,6 +1,7 @@
 """--convention: each peer tool's windows and counts, against naive ports (tiny models) and
 against golden values produced by the real tools (scripts/golden.py) on SmolLM2-135M."""
 
+import dataclasses
 import json
 import math
 import re
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import wikitext_valid_or_skip
-from reference import hf_guide_published, hf_recipe, llama_cpp_chunks, lm_eval_rolling
+from reference import hf_guide_published, hf_recipe, llama_cpp_chunks, lm_eval_rolling, requantized
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppl_cli.model
@@ -164,3 +165,31 @@ def test_llama_cpp_within_one_percent_of_llama_perplexity(real_run):
     assert summary["tokens"] == golden["chunks"] * (GOLDEN["window"] - GOLDEN["window"] // 2 - 1)
     assert summary["token_perplexity"] == pytest.approx(golden["perplexity"], rel=0.01)
     assert summary["llama_cpp_uncertainty"] == pytest.approx(golden["uncertainty"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_reference_model_statistics_within_what_was_measured_against_llama_perplexity(smollm2, monkeypatch):
+    """SmolLM2 Q4_1 as the reference P, its Q4_0 requantization as Q, the llama-cpp convention.
+
+    llama-perplexity runs both models in quantized arithmetic and stores P's log-probabilities in
+    16 bits, floored at max - 16 (it drops p < e^-16 from the KL sum); ppl-eval de-quantizes both
+    to float32 and sums every term. Measured (ppl-eval vs llama.cpp): mean KLD -0.81%, same top p
+    -0.03 points (one token of 3,066), PPL ratio -0.18%, median KLD -0.02%, RMS delta p +0.16%,
+    NLL correlation +0.05 points; the bounds below add a margin to those.
+    """
+    golden = GOLDEN["llama-cpp-kl"]
+    quantized = dataclasses.replace(smollm2, model=requantized(smollm2.model, "Q4_0"), info={**smollm2.info, "id": "q4_0"})
+    monkeypatch.setattr(ppl_cli.model, "load_model", lambda config, local_rank=0: quantized if config.model == "q4_0" else smollm2)
+    path = wikitext_valid_or_skip()
+    config = Config(model="q4_0", reference_model="smollm2-135m", data=str(path), limit=3, window=GOLDEN["window"],
+                    convention="llama-cpp", bootstrap_samples=0)  # fmt: skip
+    ref = evaluate(config).summary["reference"]
+    assert ref["tokens"] == GOLDEN["llama-cpp"]["chunks"] * (GOLDEN["window"] - GOLDEN["window"] // 2 - 1)
+    assert ref["kld_mean"]["value"] == pytest.approx(golden["kld_mean"]["value"], rel=0.015)
+    assert ref["kld_percentiles"]["median"] == pytest.approx(golden["kld_percentiles"]["median"], rel=0.01)
+    assert ref["same_top_p"]["value"] == pytest.approx(golden["same_top_p"]["value"], abs=0.003)
+    assert ref["ppl_ratio"]["value"] == pytest.approx(golden["ppl_ratio"]["value"], rel=0.005)
+    assert ref["delta_p_rms"]["value"] == pytest.approx(golden["delta_p_rms"]["value"], rel=0.01)
+    assert ref["nll_correlation"] == pytest.approx(golden["nll_correlation"], abs=0.003)
+    for key in ("kld_mean", "same_top_p", "ppl_ratio"):  # llama.cpp's standard errors, from the same sums
+        assert ref[key]["uncertainty"] == pytest.approx(golden[key]["uncertainty"], rel=0.05), key

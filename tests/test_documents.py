@@ -8,7 +8,7 @@ from ppl_cli.config import Config
 from ppl_cli.documents import (
     DOCSTRING_MODULES,
     Document,
-    fingerprint,
+    digest,
     load_documents,
     python_docstrings,
     wikitext_articles,
@@ -17,15 +17,22 @@ from ppl_cli.errors import EXIT_DATA, PplError
 
 
 def load(data, stdin=None, **options):
-    return load_documents(Config(data=str(data), **options), stdin)[0]
+    return load_documents(Config(data=str(data), **options), stdin)
 
 
 def test_txt_file_one_document_or_split(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("First line.\nSecond line.\n\n  \nNew paragraph.\n")
     assert load(path) == [Document("a.txt", "First line.\nSecond line.\n\n  \nNew paragraph.\n")]
-    assert [d.text for d in load(path, doc_split="line")] == ["First line.", "Second line.", "New paragraph."]
-    assert [d.text for d in load(path, doc_split="blank-line")] == ["First line.\nSecond line.", "New paragraph.\n"]
+    assert load(path, doc_split="line") == [
+        Document("a.txt:1", "First line."),
+        Document("a.txt:2", "Second line."),
+        Document("a.txt:5", "New paragraph."),  # ids are line numbers: the record is found again
+    ]
+    assert load(path, doc_split="blank-line") == [
+        Document("a.txt:1", "First line.\nSecond line."),
+        Document("a.txt:5", "New paragraph.\n"),
+    ]
 
 
 def test_directory_of_txt_files_in_sorted_order(tmp_path):
@@ -40,6 +47,7 @@ def test_jsonl_with_ids_and_limit(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "one", "id": 7}\n\n{"text": "two", "id": 8}\n{"text": "three", "id": 9}\n')
     assert load(path, id_field="id", limit=2) == [Document("7", "one"), Document("8", "two")]
+    assert [d.id for d in load(path)] == ["d.jsonl:1", "d.jsonl:3", "d.jsonl:4"]  # without --id-field: file:line
 
 
 def test_json_array_object_and_lines(tmp_path):
@@ -65,7 +73,9 @@ WIKI = " \n = Alpha = \n \n Alpha text . \n \n = = Section = = \n \n More alpha 
 
 
 def test_wikitext_articles_split_at_title_headings_only():
-    docs = wikitext_articles(WIKI.splitlines(keepends=True))
+    numbered = list(wikitext_articles(enumerate(WIKI.splitlines(keepends=True), start=1)))
+    assert [line for line, _ in numbered] == [2, 10]  # the heading's line
+    docs = [doc for _, doc in numbered]
     assert [d.id for d in docs] == ["Alpha", "Beta"]
     assert docs[0].text.startswith(" = Alpha = \n") and "= = Section = =" in docs[0].text
     assert docs[1].text == " = Beta = \n \n Beta text . \n"
@@ -81,14 +91,11 @@ def test_wikitext_tokens_file(tmp_path):
 def test_wikitext_from_the_hub_groups_rows_into_articles(monkeypatch):
     import ppl_cli.documents as documents
 
-    class Rows(dict):
-        column_names = ["text"]
-
     calls = []
 
-    def fake_split(dataset_id, name, split):
+    def fake_split(dataset_id, name, split, streaming):
         calls.append((dataset_id, name, split))
-        return Rows(text=WIKI.splitlines(keepends=True))
+        return [{"text": line} for line in WIKI.splitlines(keepends=True)]  # rows, as a Dataset iterates
 
     monkeypatch.setattr(documents, "load_hub_split", fake_split)
     assert [d.id for d in load("wikitext")] == ["Alpha", "Beta"]
@@ -103,7 +110,7 @@ def test_real_wikitext_validation_has_60_articles():
 
 def test_stdin_jsonl_or_plain_text():
     jsonl = b'{"text": "a b"}\n{"text": "c"}\n'
-    assert [d.text for d in load("-", io.BytesIO(jsonl))] == ["a b", "c"]
+    assert load("-", io.BytesIO(jsonl)) == [Document("stdin:1", "a b"), Document("stdin:2", "c")]
     plain = b"just some text\n{not json}\n"
     assert load("-", io.BytesIO(plain)) == [Document("stdin", "just some text\n{not json}\n")]
     assert len(load("-", io.BytesIO(b"x\ny\n"), doc_split="line")) == 2
@@ -114,12 +121,13 @@ def test_builtin_corpus_is_fixed_real_prose():
     assert [d.id for d in docs] == [m for m in DOCSTRING_MODULES if m in {d.id for d in docs}]
     assert len(docs) >= 6
     assert sum(len(d.text.split()) for d in docs) > 2000
-    assert fingerprint(docs) == fingerprint(python_docstrings())
+    assert docs == python_docstrings()
 
 
-def test_fingerprint_changes_with_text_or_id():
-    a = [Document("1", "x")]
-    assert fingerprint(a) != fingerprint([Document("1", "y")]) != fingerprint([Document("2", "x")])
+def test_digest_changes_with_index_text_or_id():
+    a = digest(0, Document("1", "x"))
+    assert len({a, digest(0, Document("1", "y")), digest(0, Document("2", "x")), digest(1, Document("1", "x"))}) == 4
+    assert digest(0, Document(None, "x")) != digest(0, Document("None", "x"))
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def test_split_head_is_used_and_full_logits_fallback_agrees(tiny_llama):
     split = scorer.score(jobs)
     scorer.split_head = False
     full = scorer.score(jobs)
-    assert [s for s, _ in split] == pytest.approx([s for s, _ in full], rel=REL)
+    assert [s.sums["nll_sum"] for s in split] == pytest.approx([s.sums["nll_sum"] for s in full], rel=REL)
     logprobs = token_logprobs(model, tokens.tolist())
-    assert split[0][0] == pytest.approx(-logprobs.sum().item(), rel=REL)
-    assert split[0][1] == pytest.approx((logprobs**2).sum().item(), rel=REL)  # sum of squared NLLs
+    assert split[0].sums["nll_sum"] == pytest.approx(-logprobs.sum().item(), rel=REL)
+    assert split[0].sums["nll_sq_sum"] == pytest.approx((logprobs**2).sum().item(), rel=REL)  # sum of squared NLLs

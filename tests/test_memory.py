@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     import json, resource, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from ppl_cli.conventions import Windowing
-    from ppl_cli.pipeline import score_documents
+    from ppl_cli.results import score_documents
     from ppl_cli.scorer import Scorer
 
     vocab, n = int(sys.argv[1]), int(sys.argv[2])
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     ids = torch.randint(0, vocab, (n,))
     score_documents(scorer, [ids[:2048]], windowing, None)  # warm up: every buffer size once
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    nll = sum(s for _, s, _ in score_documents(scorer, [ids], windowing, None)[0])
+    nll = sum(s.sums["nll_sum"] for _, s in score_documents(scorer, [ids], windowing, None)[0])
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"growth_mb": (after - before) / 1024, "nll_per_token": nll / (n - 1)}))
     """

@@ -3,13 +3,15 @@ import math
 import numpy as np
 import pytest
 
+import ppl_cli.metrics
 from ppl_cli.metrics import (
     METRIC_KEYS,
-    bootstrap_interval,
+    THRESHOLDS,
     corpus_metrics,
     count_bytes,
     count_words,
     perplexity,
+    poisson_weights,
     unit_metrics,
 )
 
@@ -49,22 +51,56 @@ def test_corpus_is_a_ratio_of_sums_and_macro_is_a_mean():
     assert c["bootstrap"] is None
 
 
-def test_bootstrap_matches_a_naive_loop():
+def poisson_draw(u: int) -> int:
+    """Inversion by hand: the smallest k with u < 2^32 * P(X <= k), X ~ Poisson(1)."""
+    k, cdf = 0, math.exp(-1)
+    while u >= round(cdf * 2**32):
+        k += 1
+        cdf += math.exp(-1) / math.factorial(k)
+    return k
+
+
+@pytest.mark.parametrize("chunk", [None, 10])  # one chunk of documents, or chunks of 10
+def test_bootstrap_matches_a_naive_poisson_loop(monkeypatch, chunk):
+    samples, n = 60, 37
+    if chunk:
+        monkeypatch.setattr(ppl_cli.metrics, "BOOTSTRAP_ELEMENTS", samples * chunk)
     rng = np.random.default_rng(7)
-    nll = rng.uniform(10, 50, 37)
-    tokens = rng.integers(5, 30, 37)
-    n_bytes = tokens * 4
-    got = bootstrap_interval(nll, tokens, n_bytes, samples=400, seed=3)
-    # The documented procedure, one resample at a time.
+    nll = rng.uniform(10, 50, n)
+    tokens = rng.integers(5, 30, n)
+    docs = [unit_metrics(float(a), int(t), 3, int(t) * 4) for a, t in zip(nll, tokens)]
+    got = corpus_metrics(docs, samples, seed=3)["bootstrap"]
+    # The documented procedure: Poisson(1) weights by inversion of uint32 draws, documents in order,
+    # `chunk` documents at a time, each chunk's draws shaped [samples, chunk].
     draw = np.random.default_rng(3)
-    ppl, bpb = [], []
-    for _ in range(400):
-        idx = draw.integers(0, 37, size=37)
-        ppl.append(math.exp(nll[idx].sum() / tokens[idx].sum()))
-        bpb.append(nll[idx].sum() / (n_bytes[idx].sum() * math.log(2)))
+    sums = [[0.0, 0, 0] for _ in range(samples)]
+    step = chunk or n
+    for start in range(0, n, step):
+        part = range(start, min(start + step, n))
+        u = draw.integers(0, 2**32, size=(samples, len(part)), dtype=np.uint32)
+        for s in range(samples):
+            for j, i in enumerate(part):
+                w = poisson_draw(int(u[s, j]))
+                sums[s][0] += w * nll[i]
+                sums[s][1] += w * tokens[i]
+                sums[s][2] += w * tokens[i] * 4
+    ppl = [math.exp(a / t) for a, t, _ in sums]
+    bpb = [a / (b * math.log(2)) for a, _, b in sums]
     assert got["token_perplexity"] == pytest.approx([np.percentile(ppl, 2.5), np.percentile(ppl, 97.5)], rel=1e-12)
     assert got["bits_per_byte"] == pytest.approx([np.percentile(bpb, 2.5), np.percentile(bpb, 97.5)], rel=1e-12)
-    assert got["seed"] == 3 and got["samples"] == 400 and got["confidence"] == 0.95
+    assert got["seed"] == 3 and got["samples"] == samples and got["confidence"] == 0.95 and got["method"] == "poisson"
+
+
+def test_poisson_weights_are_poisson_one():
+    u_rng, w_rng = np.random.default_rng(11), np.random.default_rng(11)
+    u = u_rng.integers(0, 2**32, size=(200, 5000), dtype=np.uint32)
+    weights = poisson_weights(w_rng, (200, 5000))
+    assert np.array_equal(weights, np.searchsorted(THRESHOLDS, u, side="right"))  # the table is only a shortcut
+    assert weights.mean() == pytest.approx(1.0, abs=0.005) and weights.var() == pytest.approx(1.0, abs=0.01)
+    assert (weights == 0).mean() == pytest.approx(math.exp(-1), abs=0.003)
+    edge = np.array([THRESHOLDS[0] - 1, THRESHOLDS[0], THRESHOLDS[1] - 1, THRESHOLDS[1]], dtype=np.uint32)
+    assert [poisson_draw(int(x)) for x in edge] == [0, 1, 1, 2]
+    assert list(np.searchsorted(THRESHOLDS, edge, side="right")) == [0, 1, 1, 2]
 
 
 def test_bootstrap_is_seeded_and_brackets_the_point_estimate():

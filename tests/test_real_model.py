@@ -29,7 +29,8 @@ def test_wikitext_articles_equal_the_hf_recipe(use_loaded_smollm2, tmp_path):
     result = evaluate(
         Config(data=str(path), limit=3, window=512, stride=256, add_bos=False, output=str(tmp_path / "out"))
     )
-    texts = [d.text for d in wikitext_articles(path.read_text(encoding="utf-8").splitlines(keepends=True))]
+    lines = enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), start=1)
+    texts = [d.text for _, d in wikitext_articles(lines)]
     for doc in (result.documents[0], result.documents[2]):  # 2,169 and 1,334 tokens
         text = texts[doc["index"]]
         ids = lm.tokenizer(text, add_special_tokens=False).input_ids

@@ -10,25 +10,29 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ppl_cli.cli import cli
-from ppl_cli.sharding import balanced_split, parse_shard
+from ppl_cli.sharding import parse_shard, share
 
 REL = 1e-6
 SPLIT_INDEPENDENT = {"wall_time_s", "scoring_time_s", "tokens_per_second", "config", "data", "ranks", "model"}
 
 
-def test_balanced_split_hand_checked():
-    # Largest first to the lightest share: 9 -> A, 7 -> B, 5 -> B (7 < 9), 4 -> A, 1 -> B.
-    assert balanced_split([5, 9, 1, 7, 4], 2) == [[1, 4], [0, 2, 3]]
-    assert balanced_split([3, 3], 4) == [[0], [1], [], []]
+def test_share_rule_hand_checked():
+    # Shard d mod 3; within shard 1 (documents 1, 4, 7, 10, 13) every second one to rank 1.
+    assert [d for d in range(15) if share("1/3")(d)] == [1, 4, 7, 10, 13]
+    assert [d for d in range(15) if share("1/3", rank=1, world=2)(d)] == [4, 10]
+    assert [d for d in range(5) if share(None, rank=0, world=2)(d)] == [0, 2, 4]
+    # A joined convention scores its one sequence in shard 0, rank 0.
+    assert share("0/4", joined=True)(7) and not share("1/4", joined=True)(0) and not share(None, 1, 2, joined=True)(0)
 
 
-@given(st.lists(st.integers(0, 1000), max_size=60), st.integers(1, 9))
-def test_balanced_split_is_a_balanced_partition(sizes, parts):
-    shares = balanced_split(sizes, parts)
-    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
-    totals = [sum(sizes[i] for i in share) for share in shares]
-    assert max(totals) - min(totals) <= max(sizes, default=0)
-    assert shares == balanced_split(sizes, parts)  # deterministic
+@given(st.integers(0, 200), st.integers(1, 9), st.integers(1, 4))
+def test_shards_and_ranks_partition_the_documents_evenly(n, shards, world):
+    owners = [[(i, r) for i in range(shards) for r in range(world) if share(f"{i}/{shards}", r, world)(d)] for d in range(n)]
+    assert all(len(o) == 1 for o in owners)  # every document in exactly one share
+    counts = [sum(o == [(i, r)] for o in owners) for i in range(shards) for r in range(world)]
+    within_shard = [counts[i * world : (i + 1) * world] for i in range(shards)]
+    assert max(counts[::world], default=0) - min(counts[::world], default=0) <= 1 or world > 1
+    assert all(max(c) - min(c) <= 1 for c in within_shard)
 
 
 @pytest.mark.parametrize("text", ["3", "2/2", "-1/4", "a/b", "1/0"])
@@ -209,3 +213,50 @@ def test_slurm_array_script_runs_shards_then_merge(tiny_llama, corpus_jsonl, tmp
     assert "--array=0-2" in log and "--dependency=afterok:4242" in log and "--requeue" in log
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("shard-")) == ["shard-0", "shard-1", "shard-2"]
     assert_same_results(single_run, read(out / "all"))
+
+
+@pytest.fixture
+def compressed_shards(tmp_path, corpus_texts):
+    """The corpus as three compressed JSON Lines files in a folder, with an empty document."""
+    import gzip
+
+    from test_streaming import zstd
+
+    texts = [*corpus_texts, " ", *corpus_texts[:3]]
+    rows = [json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(texts)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part-0.jsonl.gz").write_bytes(gzip.compress("".join(rows[:5]).encode()))
+    (folder / "part-1.jsonl.zst").write_bytes(zstd.compress("".join(rows[5:9]).encode()))
+    (folder / "part-2.jsonl.gz").write_bytes(gzip.compress("".join(rows[9:]).encode()))
+    return str(folder)
+
+
+@pytest.mark.parametrize("n", [2, 5, 40])  # 40 shards: more than the 3 files and the 13 documents
+def test_shards_of_a_compressed_folder_merged_equal_the_unsharded_run(tiny_llama, compressed_shards, tmp_path, n):
+    common = ["--model", tiny_llama, "--data", compressed_shards, "--window", "32", "--id-field", "id"]
+    run_cli(*common, "-o", str(tmp_path / "single"))
+    dirs = []
+    for i in range(n):
+        out = tmp_path / f"shard-{i}"
+        run_cli(*common, "--shard", f"{i}/{n}", "-o", str(out))
+        dirs.append(str(out))
+    merged = merge(*dirs, "-o", str(tmp_path / "merged"))
+    assert merged.exit_code == 0, merged.output
+    single, together = read(tmp_path / "single"), read(tmp_path / "merged")
+    assert_same_results(single, together)
+    assert together[1]["data"]["fingerprint"] == single[1]["data"]["fingerprint"]  # the shards' sums add up
+    assert together[1]["skipped_documents"] == single[1]["skipped_documents"] == 1
+    assert (tmp_path / "merged" / "documents.jsonl").read_text() == (tmp_path / "single" / "documents.jsonl").read_text()
+    assert together[1]["bootstrap"] == single[1]["bootstrap"]  # the same rows in the same order: the same resamples
+
+
+def test_torchrun_two_ranks_on_a_compressed_folder(tiny_llama, compressed_shards, tmp_path):
+    common = ["--model", tiny_llama, "--data", compressed_shards, "--window", "32", "--id-field", "id"]
+    run_cli(*common, "-o", str(tmp_path / "single"))
+    torchrun(*common, "-o", str(tmp_path / "ddp"))
+    single, ddp = read(tmp_path / "single"), read(tmp_path / "ddp")
+    assert_same_results(single, ddp)
+    assert ddp[1]["data"]["fingerprint"] == single[1]["data"]["fingerprint"] and ddp[1]["ranks"] == 2
+    without_output = torchrun(*common, "--json", "--shard", "1/2")  # the rows pass through a temporary folder
+    assert json.loads(without_output.stdout)["documents"] == len([d for d in single[0] if d["index"] % 2 == 1])

@@ -1,0 +1,293 @@
+"""`ppl-eval compare`: is run B better than run A, or only different by chance?
+
+The runs are result directories of `run` or `merge` over the same documents. One pass over their
+documents.jsonl files (joined on the document index) accumulates each run's sums and, for every
+bootstrap resample, the same Poisson(1) document weights applied to every run: a paired
+bootstrap, so a difference is judged against the noise of the documents both runs scored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EXIT_DATA, PplError
+from .metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
+from .reports import DOCUMENTS_FILE, SUMMARY_FILE, read_rows
+
+METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
+UNITS = ("tokens", "words", "bytes")  # the denominators, in the column order of the sums below
+METRIC_UNIT = {"token_perplexity": 0, "bits_per_byte": 2, "word_perplexity": 1, "byte_perplexity": 2}
+SAME_RUN_KEYS = ("convention", "window", "stride", "add_bos", "detokenize")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    runs: tuple[str, ...]  # result directories; the first is the baseline
+    allow_different_data: bool = False
+    bootstrap_samples: int = 1000
+    seed: int = 0
+    top: int = 5  # documents listed as most improved and most worsened
+
+    def __post_init__(self):
+        if len(self.runs) < 2:
+            raise PplError("compare needs at least two result directories: the baseline, then the others")
+        if self.bootstrap_samples < 1:
+            raise PplError("bootstrap-samples must be at least 1")
+        if self.top < 0:
+            raise PplError("top must be 0 or more")
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def metric_value(metric: str, nll: np.ndarray | float, units: np.ndarray | float):
+    """A corpus metric from an NLL sum and its units (vectorised over resamples)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if metric == "bits_per_byte":
+            return nll / (units * LN2)
+        return np.exp(nll / units)
+
+
+def compare_runs(config: CompareConfig) -> dict:
+    runs = [read_run(Path(p)) for p in config.runs]
+    matched = check_comparable(runs, config.allow_different_data)
+    totals = PairedTotals(len(runs), config.bootstrap_samples, config.seed, config.top)
+    for rows in joined_rows(runs, matched):
+        totals.add(rows)
+    if totals.documents == 0:
+        raise PplError("the runs have no scored document in common", EXIT_DATA)
+    return totals.report(runs, matched)
+
+
+def read_run(path: Path) -> Run:
+    for name in (SUMMARY_FILE, DOCUMENTS_FILE):
+        if not (path / name).is_file():
+            raise PplError(f"{path} is not a finished ppl-eval run: no {name}", EXIT_DATA)
+    try:
+        summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except ValueError:
+        raise PplError(f"{path / SUMMARY_FILE} is not valid JSON", EXIT_DATA) from None
+    return Run(path, summary)
+
+
+def check_comparable(runs: list[Run], allow_different_data: bool) -> bool:
+    """Refuse runs that scored different documents, or scored them differently, naming the
+    difference. Returns whether documents are matched by index and id (different data allowed)."""
+    base = runs[0]
+    different = False
+    for run in runs[1:]:
+        for key in SAME_RUN_KEYS:
+            a, b = windowing_value(base, key), windowing_value(run, key)
+            if a != b:
+                raise PplError(f"{run.name} and {base.name} scored the documents differently: {key} {b!r} vs {a!r}", EXIT_DATA)
+        a, b = base.summary["data"]["fingerprint"], run.summary["data"]["fingerprint"]
+        if a != b:
+            if not allow_different_data:
+                raise PplError(
+                    f"{run.name} and {base.name} scored different data (fingerprint {b[:23]}... vs {a[:23]}...);"
+                    " --allow-different-data compares the documents both scored",
+                    EXIT_DATA,
+                )
+            different = True
+    return different
+
+
+def windowing_value(run: Run, key: str):
+    return run.summary["windowing"].get(key, "none" if key == "detokenize" else None)
+
+
+def joined_rows(runs: list[Run], by_id: bool) -> Iterator[list[dict]]:
+    """The rows of each document every run scored, in index order (each documents.jsonl is).
+
+    With the same data every run holds the same indices; with --allow-different-data a document
+    is the same when its index and its id are.
+    """
+    streams = [read_rows(run.path / DOCUMENTS_FILE) for run in runs]
+    heads = [next(s, None) for s in streams]
+    while all(h is not None for h in heads):
+        index = min(h["index"] for h in heads)
+        if all(h["index"] == index for h in heads) and (not by_id or len({h["id"] for h in heads}) == 1):
+            yield heads
+        heads = [next(s, None) if h["index"] == index else h for h, s in zip(heads, streams)]
+
+
+class PairedTotals:
+    """Sums per run, the same Poisson resamples for every run, and the most changed documents."""
+
+    def __init__(self, runs: int, samples: int, seed: int, top: int):
+        self.runs, self.samples, self.top = runs, samples, top
+        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.chunk = max(1, BOOTSTRAP_ELEMENTS // samples)
+        self.pending: list[np.ndarray] = []
+        self.sums = np.zeros((runs, 4))  # per run: nll, tokens, words, bytes
+        self.resampled = np.zeros((samples, runs, 4))
+        self.documents = 0
+        self.better = np.zeros(runs, dtype=np.int64)  # documents whose NLL per token went down against the baseline
+        self.worse = np.zeros(runs, dtype=np.int64)
+        self.improved: list[list] = [[] for _ in range(runs)]  # heaps of (-change, index, id)
+        self.worsened: list[list] = [[] for _ in range(runs)]
+
+    def add(self, rows: list[dict]) -> None:
+        values = np.array([[r["nll_sum"], r["tokens"], r["words"], r["bytes"]] for r in rows], dtype=np.float64)  # [R, 4]
+        self.sums += values
+        self.pending.append(values)
+        self.documents += 1
+        base = rows[0]
+        for r in range(1, self.runs):
+            row = rows[r]
+            if not (row["tokens"] and base["tokens"]):
+                continue
+            change = row["nll_sum"] / row["tokens"] - base["nll_sum"] / base["tokens"]  # nats per token
+            self.better[r] += change < 0
+            self.worse[r] += change > 0
+            keep(self.improved[r], (-change, -row["index"], row["index"], row["id"]), self.top)
+            keep(self.worsened[r], (change, -row["index"], row["index"], row["id"]), self.top)
+        if len(self.pending) == self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = np.stack(self.pending)  # [m, R, 4]
+        weights = poisson_weights(self.rng, (self.samples, len(values)))  # [B, m]
+        self.resampled += np.einsum("bm,mrk->brk", weights, values)
+        self.pending = []
+
+    def report(self, runs: list[Run], matched_by_id: bool) -> dict:
+        self.flush()
+        out = []
+        for r in range(1, self.runs):
+            entry = {"baseline": runs[0].name, "run": runs[r].name}
+            for metric in METRICS:
+                entry[metric] = self.paired(metric, r)
+            scored = int(self.better[r] + self.worse[r])
+            entry["documents"] = {
+                "compared": self.documents,
+                "better": int(self.better[r]),
+                "worse": int(self.worse[r]),
+                "better_share": self.better[r] / self.documents,
+                "unchanged": self.documents - scored,
+                "baseline_documents": runs[0].summary["documents"],
+                "run_documents": runs[r].summary["documents"],
+            }
+            entry["most_improved"] = listed(self.improved[r], improved=True)
+            entry["most_worsened"] = listed(self.worsened[r], improved=False)
+            out.append(entry)
+        report = {**{k: v for k, v in out[0].items() if k not in ("baseline", "run")}} if len(out) == 1 else {}
+        return {
+            "baseline": runs[0].name,
+            "runs": out,
+            **report,
+            "bootstrap": {"samples": self.samples, "seed": self.seed, "method": "paired poisson", "confidence": 0.95},
+            "matched_by": "index and id" if matched_by_id else "index",
+        }
+
+    def paired(self, metric: str, r: int) -> dict:
+        """Both values, their difference, its 95% paired bootstrap interval and a two-sided p-value."""
+        unit = 1 + METRIC_UNIT[metric]
+        a = float(metric_value(metric, self.sums[0, 0], self.sums[0, unit]))
+        b = float(metric_value(metric, self.sums[r, 0], self.sums[r, unit]))
+        resampled_a = metric_value(metric, self.resampled[:, 0, 0], self.resampled[:, 0, unit])
+        resampled_b = metric_value(metric, self.resampled[:, r, 0], self.resampled[:, r, unit])
+        deltas = resampled_b - resampled_a
+        deltas = deltas[np.isfinite(deltas)]
+        delta = b - a
+        if not (math.isfinite(delta) and len(deltas)):
+            return {"a": a, "b": b, "delta": delta, "ci": None, "p_value": None}
+        return {
+            "a": a,
+            "b": b,
+            "delta": delta,
+            "ci": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))],
+            "p_value": paired_p_value(deltas, delta),
+        }
+
+
+def paired_p_value(deltas: np.ndarray, observed: float) -> float:
+    """Two-sided: the share of resampled differences, re-centred on zero (the null hypothesis), at
+    least as far from zero as the observed one, with +1 smoothing: (1 + #) / (1 + B)."""
+    centred = np.abs(deltas - deltas.mean())
+    return float((1 + np.count_nonzero(centred >= abs(observed))) / (1 + len(deltas)))
+
+
+def keep(heap: list, item: tuple, size: int) -> None:
+    """Keep the `size` largest items (by their first fields) in a min-heap."""
+    if size == 0 or item[0] <= 0:
+        return
+    if len(heap) < size:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+def listed(heap: list, improved: bool) -> list[dict]:
+    """The kept documents, largest change first; the change is in nats per token, run minus baseline."""
+    return [
+        {"index": index, "id": doc_id, "change_nats_per_token": -key if improved else key}
+        for key, _, index, doc_id in sorted(heap, reverse=True)
+    ]
+
+
+def format_comparison(report: dict) -> str:
+    """A few lines for a person."""
+    lines = [f"baseline: {report['baseline']}"]
+    for entry in report["runs"]:
+        docs = entry["documents"]
+        lines.append(f"\n{entry['run']} against the baseline, {docs['compared']:,} documents:")
+        for metric in METRICS:
+            m = entry[metric]
+            lines.append(f"  {metric.replace('_', ' '):17} {number(m['a'])} -> {number(m['b'])}  {signed(m['delta'])}" + interval(m))
+        lines.append(f"  better on {docs['better']:,} documents ({docs['better_share']:.0%}), worse on {docs['worse']:,}")
+        left_out = max(docs["baseline_documents"], docs["run_documents"]) - docs["compared"]
+        if left_out:
+            lines.append(
+                f"  only documents both runs scored are compared: {docs['compared']:,} of {docs['baseline_documents']:,}"
+                f" (baseline) and {docs['run_documents']:,} (this run)"
+            )
+        for label, key in (("most improved", "most_improved"), ("most worsened", "most_worsened")):
+            if entry[key]:
+                shown = ", ".join(f"{d['id'] or d['index']} ({d['change_nats_per_token']:+.3f})" for d in entry[key])
+                lines.append(f"  {label} (nats/token): {shown}")
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
+    lines = ["| run | metric | baseline | run | difference | 95% CI | p |", "|---|---|---|---|---|---|---|"]
+    for entry in report["runs"]:
+        for metric in METRICS:
+            m = entry[metric]
+            ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
+            p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+            lines.append(f"| {entry['run']} | {metric} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} |")
+    return "\n".join(lines)
+
+
+def interval(m: dict) -> str:
+    if not m["ci"]:
+        return ""
+    return f"  95% CI [{signed(m['ci'][0])}, {signed(m['ci'][1])}]  p = {m['p_value']:.4f}"
+
+
+def number(value) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a" if value is None else str(value)
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+def signed(value) -> str:
+    return f"{value:+.4f}" if abs(value) < 1000 else f"{value:+,.1f}"

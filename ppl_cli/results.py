@@ -1,0 +1,161 @@
+"""Tokenized documents -> per-document results: windows, batched scoring, one row per document.
+
+Consecutive documents are scored in groups of about GROUP_BATCHES batches (their windows sorted by
+length and packed together), and each group's rows are handed on as soon as it is done. Groups
+depend only on the documents' lengths, so a resumed run skips finished groups whole and scores
+the rest with exactly the batches an uninterrupted run would use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .conventions import Windowing, count_words, first_token_replacement, windows
+from .documents import Document
+from .metrics import count_bytes, unit_metrics
+from .reference import REFERENCE_SUMS, document_histograms
+from .reports import REFERENCE_STEM
+from .tokenizing import Tokenized
+
+GROUP_BATCHES = 8  # a group of documents fills about this many batches before its rows are written
+
+
+@dataclass
+class Tally:
+    """What one process did: documents scored now, skipped, and tokens scored now."""
+
+    scored: int = 0
+    skipped: int = 0
+    tokens: int = 0
+
+
+def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, write, progress, stop, retokenize) -> Tally:
+    """Score every document of `items` not done yet, a group at a time; write(rows, side) each
+    group, `side` holding per-document lines for files beside documents.jsonl (reference.jsonl).
+
+    `stop.check()` runs after every batch (a signal ends the run there); an error from `items`
+    (bad input further on) is raised after the documents read before it are scored and written.
+    """
+    tally = Tally()
+
+    def on_tokens(n):
+        progress.update(tokens=n)
+        stop.check()
+
+    def score_group(group: list[Tokenized]):
+        fresh = [item for item in group if item.done is None]
+        if not fresh:  # finished by an earlier run
+            progress.update(tokens=sum(item.done["tokens"] for item in group), documents=len(group), scored=False)
+            return
+        if len(fresh) < len(group):  # a group an earlier run left half-written: score it whole again
+            group = [item if item.ids is not None else retokenize(item) for item in group]
+        scores = score_documents(scorer, [item.ids for item in group], windowing, on_tokens)
+        fresh_scores = [(item, s) for item, s in zip(group, scores) if item.done is None]
+        rows = [document_result(item.index, item.document, s, windowing) for item, s in fresh_scores]
+        side = {}
+        if scorer.reference is not None:
+            side[REFERENCE_STEM] = [document_histograms(item.index, token_values(s)) for item, s in fresh_scores]
+        write(rows, side)
+        tally.scored += len(rows)
+        tally.tokens += sum(row["tokens"] for row in rows)
+        progress.update(documents=len(group))
+
+    for group in document_groups(items, scorer.max_batch_tokens * GROUP_BATCHES, tally):
+        score_group(group)
+    return tally
+
+
+def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> Iterator[list[Tokenized]]:
+    """Consecutive documents with something to score, about `budget` tokens a group; the skipped are counted."""
+    group, size = [], 0
+    iterator = iter(items)
+    while True:
+        try:
+            item = next(iterator, None)
+        except Exception:
+            if group:  # score what was read before the bad input, then report it
+                yield group
+            raise
+        if item is None:
+            break
+        if item.skipped:
+            tally.skipped += 1
+            continue
+        group.append(item)
+        size += item.length
+        if size >= budget:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens: Callable[[int], None] | None) -> list[list[tuple]]:
+    """For each token sequence, its windows with what the scorer found (Scored), in order."""
+    import torch
+
+    from .scorer import Job
+
+    replacement = first_token_replacement(windowing)
+    jobs, owners = [], []
+    for d, ids in enumerate(sequences):
+        tokens = torch.as_tensor(ids, dtype=torch.long)  # [n]
+        for w in windows(len(ids), windowing):
+            span = tokens[w.begin : w.end]
+            if replacement is not None:
+                span = span.clone()
+                span[0] = replacement
+            # Read the whole span when it fits the window (the recipe's shape); lm-eval's spans are
+            # window + 1 tokens, of which the model reads the first `window`, as lm-eval does.
+            jobs.append(Job(span, w.score_from - w.begin, min(len(span), windowing.window)))
+            owners.append((d, w))
+    scored: list[list[tuple]] = [[] for _ in sequences]
+    for (d, w), result in zip(owners, scorer.score(jobs, on_tokens)):
+        scored[d].append((w, result))
+    return scored
+
+
+def token_values(scored: list[tuple]) -> dict[str, np.ndarray]:
+    """A document's kept per-token values, its windows' joined in order."""
+    return {name: np.concatenate([s.tokens[name] for _, s in scored]) for name in scored[0][1].tokens}
+
+
+def summed(scored: list[tuple]) -> dict[str, float]:
+    """A document's sums over its windows."""
+    total: dict[str, float] = {}
+    for _, s in scored:
+        for key, value in s.sums.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def document_result(index: int, doc: Document, scored: list[tuple], windowing: Windowing) -> dict:
+    """A document's metrics; word and byte counts always come from the original text."""
+    sums = summed(scored)
+    tokens = sum(w.end - w.score_from for w, _ in scored)
+    words = count_words(doc.text, windowing)
+    row = {"index": index, "id": doc.id, **unit_metrics(sums["nll_sum"], tokens, words, count_bytes(doc.text))}
+    if windowing.convention == "hf-recipe":
+        row.update(published_normalisation(scored))
+    if windowing.convention == "llama-cpp":
+        row["nll_sq_sum"] = sums["nll_sq_sum"]
+    if "kld_sum" in sums:
+        row.update({key: sums[key] for key in REFERENCE_SUMS})
+        row["same_top"] = int(round(row["same_top"]))
+    return row
+
+
+def published_normalisation(scored: list[tuple]) -> dict:
+    """The guide's sum: each window's mean loss times (valid labels - 1), valid labels counted
+    before the model's internal shift, so every window after the first loses one token."""
+    nll, tokens, prev_end = 0.0, 0, 0
+    for w, result in scored:
+        window_nll = result.sums["nll_sum"]
+        valid = min(w.end - prev_end, w.end - w.begin)
+        nll += window_nll / (w.end - w.score_from) * (valid - 1)
+        tokens += valid - 1
+        prev_end = w.end
+    return {"published_nll_sum": nll, "published_tokens": tokens}

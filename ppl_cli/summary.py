@@ -1,0 +1,101 @@
+"""summary.json: the corpus metrics from one pass over the document rows, and what the run was."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from collections.abc import Iterable
+from importlib import metadata
+
+from .config import Config
+from .conventions import Windowing, convention_summary
+from .metrics import accumulate
+from .reference import HISTOGRAMS, Histogram, reference_summary
+from .sources import Source
+
+
+def build_summary(
+    config: Config,
+    rows: Iterable[dict],
+    skipped: int,
+    model_info: dict,
+    data_info: dict,
+    windowing: Windowing,
+    timings: dict,
+    reference_info: dict | None = None,
+    reference: Iterable[dict] = (),
+) -> dict:
+    """`rows`: every scored document's row in index order. `timings`: wall_time_s, scoring_time_s
+    and the tokens scored in that time (scored_now), which gives tokens_per_second. With a
+    reference model, its description and the documents' lines of reference.jsonl."""
+    totals = accumulate(rows, config.bootstrap_samples, config.seed)
+    metrics = totals.metrics()
+    scored_now, scoring = timings["scored_now"], timings["scoring_time_s"]
+    extra = {}
+    if reference_info is not None:
+        histograms = {name: Histogram() for name in HISTOGRAMS}
+        for line in reference:
+            for name, histogram in histograms.items():
+                histogram.add(line[name])
+        extra["reference"] = reference_summary({**totals.extras, "nll_sum": totals.nll}, totals.tokens, histograms, reference_info)
+    return {
+        **metrics,
+        "documents": totals.documents,
+        "skipped_documents": skipped,
+        "windowing": windowing.describe(),
+        **convention_summary({**metrics, **totals.extras}, windowing.convention),
+        **extra,
+        "model": model_info,
+        "data": data_info,
+        "config": config.to_dict(),
+        "versions": versions(),
+        "wall_time_s": timings["wall_time_s"],  # everything: loading data and model, tokenizing, scoring, writing
+        "scoring_time_s": scoring,
+        # Scored tokens per second of scoring time, counting only what this process scored (not a resume's earlier part).
+        "tokens_per_second": scored_now / scoring if scored_now and scoring else None,
+    }
+
+
+def data_description(sources: list[Source], config: Config, documents: int, fingerprint: str) -> dict:
+    """summary.json's `data`: where the documents came from, how many, and their fingerprint."""
+    files = [s for s in sources if s.kind == "file"]
+    out = {
+        "source": ", ".join(config.data),
+        "files": len(files),
+        "bytes": sum(s.size or 0 for s in files) if files else None,
+        "documents": documents,
+        "fingerprint": fingerprint,
+    }
+    if any(s.kind == "builtin" for s in sources):
+        out["python"] = sys.version.split()[0]  # the built-in corpus varies a little between versions
+    if any(s.kind == "hub" for s in sources):
+        out["streaming"] = config.streaming
+    if config.shard:
+        out["shard"] = config.shard
+    return out
+
+
+def input_identity(sources: list[Source], config: Config) -> dict:
+    """What run.json records of the input, cheap to know before anything is read: the names and
+    sizes of the files and the options that turn records into documents."""
+    files = [(s.name, s.size) for s in sources if s.kind == "file"]
+    names_and_sizes = hashlib.sha256(repr(files).encode("utf-8")).hexdigest()[:16]
+    return {
+        "data": list(config.data),
+        "data_files": f"{len(files)} files, {sum(size or 0 for _, size in files):,} bytes, names and sizes #{names_and_sizes}",
+        "data_options": {
+            key: getattr(config, key)
+            for key in ("data_config", "split", "text_field", "id_field", "doc_split", "encoding_errors", "limit")
+        },
+    }
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("ppl-eval", "torch", "transformers", "tokenizers", "datasets"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
