@@ -55,6 +55,7 @@ def cli():
 @click.option("--shard", help="Score only shard I of N (I/N: documents whose index is I mod N); combine with `ppl-eval merge`.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Directory for summary.json, documents.jsonl/.csv.")
 @click.option("--overwrite", is_flag=True, help="Replace the results already in --output instead of resuming.")
+@click.option("--save-tokens", is_flag=True, help="Write every scored token (log p, entropy, rank) to --output/tokens/*.parquet.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout and nothing else.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or loading messages on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
@@ -78,7 +79,7 @@ def run(ctx, config_file, as_json, quiet, debug, **options):
 
         return evaluate(config, progress=not quiet)
 
-    report(guarded(work, debug), as_json, main_rank=os.environ.get("RANK", "0") == "0")
+    print_summary(guarded(work, debug), as_json, main_rank=os.environ.get("RANK", "0") == "0")
 
 
 @cli.command()
@@ -101,7 +102,7 @@ def merge(dirs, output, allow_partial, overwrite, as_json, debug):
 
         return merge_runs(list(dirs), output, allow_partial, overwrite)
 
-    report(guarded(work, debug), as_json)
+    print_summary(guarded(work, debug), as_json)
 
 
 @cli.command()
@@ -136,6 +137,34 @@ def compare(runs, allow_different_data, bootstrap_samples, seed, top, as_json, m
         click.echo(format_markdown(comparison) if markdown else format_comparison(comparison))
 
 
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--png", type=click.Path(file_okay=False), help="Also write the plots as PNG files into this folder.")
+@click.option("--documents", type=int, default=5, show_default=True, help="Most and least surprising documents shown.")
+@click.option("--tokens", type=int, default=2000, show_default=True, help="Tokens shown of each such document (runs with --save-tokens).")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def report(runs, output, png, documents, tokens, debug):
+    """One self-contained HTML page about a run, or several runs side by side (the first is the baseline).
+
+    \b
+    Examples:
+      ppl-eval report results/gpt2 -o report.html
+      ppl-eval report results/base results/finetuned -o compare.html --png plots/
+    """
+
+    def work():
+        from .report import ReportConfig, build_report
+
+        return build_report(ReportConfig(tuple(runs), output, png, documents, tokens))
+
+    made = guarded(work, debug)
+    click.echo(
+        f"{made['output']}: {len(made['plots'])} plots, {made['documents_shown']} documents"
+        + (f", {made['coloured']} with their tokens coloured" if made["coloured"] else "")
+    )
+
+
 def guarded(work, debug: bool):
     """Run `work`; any failure becomes one line on stderr and an exit code."""
     try:
@@ -148,7 +177,7 @@ def guarded(work, debug: bool):
         fail(f"unexpected {type(e).__name__}: {first_line(e)} (rerun with --debug for the traceback)", 1, debug)
 
 
-def report(result, as_json: bool, main_rank: bool = True):
+def print_summary(result, as_json: bool, main_rank: bool = True):
     """Print the summary once (rank 0 under torchrun): as JSON, or a few lines for a person."""
     if not main_rank:
         return

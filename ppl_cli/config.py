@@ -60,6 +60,7 @@ class Config:
     # Output
     output: str | None = None
     overwrite: bool = False
+    save_tokens: bool = False  # every scored token to tokens/part-*.parquet
 
     def __post_init__(self):
         if isinstance(self.data, (str, list)):  # `data: x` or `data: [x, y]` in YAML, a string in Python
@@ -88,8 +89,9 @@ class Config:
             raise PplError("data must not be empty")
         if self.shard is not None:
             parse_shard(self.shard)
-        if self.overwrite and not self.output:
-            raise PplError("--overwrite needs an output directory (-o/--output)")
+        for flag in ("overwrite", "save_tokens"):
+            if getattr(self, flag) and not self.output:
+                raise PplError(f"--{flag.replace('_', '-')} needs an output directory (-o/--output)")
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

@@ -18,6 +18,7 @@ from .pipeline import Result
 from .reports import DOCUMENTS_FILE, ROW_STEMS, RUN_FILE, SUMMARY_FILE, RunDirectory, ascending_runs, differing_key, merged_rows
 from .sharding import parse_shard
 from .summary import build_summary
+from .token_export import copy_parts
 
 
 def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwrite: bool = False) -> Result:
@@ -66,9 +67,11 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
             given[stem] = merged_rows({path: ascending_runs(path) for path in files})
     reference_info = first["summary"].get("reference", {}).get("model")
 
-    def summarize(rows, reference=()):
-        return build_summary(config, rows, skipped, first["summary"]["model"], data_info, windowing, timings, reference_info, reference)
+    def summarize(rows, reference=(), contexts=()):
+        model = first["summary"]["model"]
+        return build_summary(config, rows, skipped, model, data_info, windowing, timings, reference_info, reference, contexts)
 
+    copy_parts([shard["dir"] for shard in shards], run_dir.path)
     summary = run_dir.finish(summarize, given)
     return Result(summary, run_dir.documents)
 

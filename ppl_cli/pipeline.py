@@ -24,6 +24,7 @@ from .sharding import share
 from .signals import Interrupted, stop_signals
 from .sources import resolve_sources
 from .summary import build_summary, data_description, input_identity
+from .token_export import keep_only_done
 
 
 @dataclass
@@ -99,12 +100,14 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
         "add_bos": windowing.add_bos,
         "reference_model": config.reference_model,
         "reference_dtype": ref.info["dtype"] if ref else None,
+        "save_tokens": config.save_tokens,
     }
     begin_run(run_dir, ranks, identity)
 
     batch_tokens = config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window)
     reference = Scorer(ref.model, ref.device, batch_tokens) if ref else None
-    scorer = Scorer(lm.model, lm.device, batch_tokens, reference, keep=("kld", "delta_p") if ref else ())
+    scorer = Scorer(lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config))
+    write_tokens = token_writer(run_dir.path, lm.tokenizer) if config.save_tokens else None
     encode = batch_encoder(lm.tokenizer)
     stage = joined_document if joined else tokenize_documents
     bar = Progress(stream, config.limit, progress and ranks.main)
@@ -112,7 +115,7 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     try:
         with stop_signals() as stop, background(stage(stream, encode, windowing, run_dir.done_rows())) as items:
             retokenize = lambda item: item._replace(ids=token_ids(encode, [item.document.text], windowing)[0])  # noqa: E731
-            tally = score_stream(scorer, items, windowing, run_dir.append, bar, stop, retokenize)
+            tally = score_stream(scorer, items, windowing, run_dir.append, bar, stop, retokenize, write_tokens)
     except Interrupted as e:
         bar.close()
         raise stopped(e.signum, bar.documents, run_dir) from None
@@ -127,19 +130,38 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
             raise PplError(f"{run_dir.rank_file(missing[0])} is missing: is {run_dir.path} on a filesystem every node shares?")
         data_info = data_description(sources, config, max(n for _, _, n in parts), add_fingerprints(fingerprint(d) for _, d, _ in parts))
 
-        def summarize(rows, reference=()):
+        def summarize(rows, reference=(), contexts=()):
             timings = {
                 "wall_time_s": time.perf_counter() - started,
                 "scoring_time_s": scoring_time,
                 "scored_now": sum(t.tokens for t, _, _ in parts),
             }
             skipped = sum(t.skipped for t, _, _ in parts)
-            summary = build_summary(config, rows, skipped, lm.info, data_info, windowing, timings, ref and ref.info, reference)
+            summary = build_summary(config, rows, skipped, lm.info, data_info, windowing, timings, ref and ref.info, reference, contexts)
             return {**summary, "ranks": ranks.world}
 
         summary = run_dir.finish(summarize)
     summary = ranks.broadcast(summary)
     return Result(summary, run_dir.documents, spool)
+
+
+def kept_token_values(config: Config) -> tuple[str, ...]:
+    """The per-token values the scorer hands back: the NLL (for contexts.jsonl), a reference's KL
+    and delta p (reference.jsonl), and for --save-tokens entropy and rank too."""
+    keep = ["nll"]
+    if config.reference_model:
+        keep += ["kld", "delta_p"] + (["ref_nll"] if config.save_tokens else [])
+    if config.save_tokens:
+        keep += ["entropy", "rank"]
+    return tuple(keep)
+
+
+def token_writer(folder: Path, tokenizer):
+    """--save-tokens: each group's documents -> one Parquet part."""
+    from .token_export import TokenPieces, document_table, write_part
+
+    pieces = TokenPieces(tokenizer)
+    return lambda documents: write_part(folder, [document_table(i, positions, values, pieces) for i, positions, values in documents])
 
 
 def load_reference(config: Config, lm, windowing, local_rank: int):
@@ -176,6 +198,8 @@ def begin_run(run_dir: RunDirectory, ranks, identity: dict) -> None:
     if ranks.main and not run_dir.spool:
         try:
             run_dir.begin(identity)
+            if identity["save_tokens"]:  # parts of documents whose rows a kill cut off are written anew
+                keep_only_done(run_dir.path, (row["index"] for row in run_dir.done_rows()))
         except PplError as e:
             status = (str(e), e.exit_code)
     status = ranks.broadcast(status)

@@ -19,11 +19,14 @@ from .metrics import METRIC_KEYS
 RUN_FILE = "run.json"  # what the run is, to check a resume against
 DOCUMENTS_STEM = "documents"
 DOCUMENTS_FILE = "documents.jsonl"
+CONTEXTS_STEM = "contexts"  # contexts.jsonl: each document's NLL by the context its tokens had
 REFERENCE_STEM = "reference"  # reference.jsonl: a --reference-model run's per-document histograms
-ROW_STEMS = (DOCUMENTS_STEM, REFERENCE_STEM)  # the files of per-document lines, STEM.jsonl
+ROW_STEMS = (DOCUMENTS_STEM, CONTEXTS_STEM, REFERENCE_STEM)  # the files of per-document lines, STEM.jsonl
 CSV_FILE = "documents.csv"
 SUMMARY_FILE = "summary.json"
 OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
+UMASK = os.umask(0)
+os.umask(UMASK)
 DOCUMENT_COLUMNS = ("index", "id", *METRIC_KEYS)
 
 
@@ -260,6 +263,7 @@ def last_index(path: Path) -> int:
 def atomic_writer(path: Path) -> Iterator:
     """A text file beside `path`, fsynced and renamed over it on success: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~UMASK)  # as open() would make it, not mkstemp's 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             yield f

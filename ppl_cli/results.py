@@ -17,7 +17,7 @@ from .conventions import Windowing, count_words, first_token_replacement, window
 from .documents import Document
 from .metrics import count_bytes, unit_metrics
 from .reference import REFERENCE_SUMS, document_histograms
-from .reports import REFERENCE_STEM
+from .reports import CONTEXTS_STEM, REFERENCE_STEM
 from .tokenizing import Tokenized
 
 GROUP_BATCHES = 8  # a group of documents fills about this many batches before its rows are written
@@ -32,9 +32,10 @@ class Tally:
     tokens: int = 0
 
 
-def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, write, progress, stop, retokenize) -> Tally:
+def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, write, progress, stop, retokenize, write_tokens=None) -> Tally:
     """Score every document of `items` not done yet, a group at a time; write(rows, side) each
-    group, `side` holding per-document lines for files beside documents.jsonl (reference.jsonl).
+    group, `side` holding per-document lines for the files beside documents.jsonl (contexts.jsonl,
+    reference.jsonl), after write_tokens([(index, positions, per-token values)]) when tokens are saved.
 
     `stop.check()` runs after every batch (a signal ends the run there); an error from `items`
     (bad input further on) is raised after the documents read before it are scored and written.
@@ -55,9 +56,12 @@ def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, write
         scores = score_documents(scorer, [item.ids for item in group], windowing, on_tokens)
         fresh_scores = [(item, s) for item, s in zip(group, scores) if item.done is None]
         rows = [document_result(item.index, item.document, s, windowing) for item, s in fresh_scores]
-        side = {}
+        values = [(item.index, s, token_values(s)) for item, s in fresh_scores]
+        side = {CONTEXTS_STEM: [context_line(index, s, v["nll"]) for index, s, v in values]}
         if scorer.reference is not None:
-            side[REFERENCE_STEM] = [document_histograms(item.index, token_values(s)) for item, s in fresh_scores]
+            side[REFERENCE_STEM] = [document_histograms(index, v) for index, _, v in values]
+        if write_tokens is not None:
+            write_tokens([(index, scored_positions(s), v) for index, s, v in values])
         write(rows, side)
         tally.scored += len(rows)
         tally.tokens += sum(row["tokens"] for row in rows)
@@ -116,6 +120,27 @@ def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens
     for (d, w), result in zip(owners, scorer.score(jobs, on_tokens)):
         scored[d].append((w, result))
     return scored
+
+
+def scored_positions(scored: list[tuple]) -> np.ndarray:
+    """The position in its token sequence of each scored token of a document, in order."""
+    return np.concatenate([np.arange(w.score_from, w.end) for w, _ in scored])
+
+
+def context_buckets(scored: list[tuple]) -> np.ndarray:
+    """Each scored token's bucket of context: floor(log2(tokens read before it in its window))."""
+    context = np.concatenate([np.arange(w.score_from, w.end) - w.begin for w, _ in scored])  # >= 1
+    return np.floor(np.log2(context)).astype(np.int64)
+
+
+def context_line(index: int, scored: list[tuple], nll: np.ndarray) -> dict:
+    """A document's line in contexts.jsonl: NLL sums and token counts by context bucket (1, 2-3, 4-7, ...)."""
+    buckets = context_buckets(scored)
+    return {
+        "index": index,
+        "nll": [round(x, 6) for x in np.bincount(buckets, weights=nll.astype(np.float64)).tolist()],
+        "tokens": np.bincount(buckets).tolist(),
+    }
 
 
 def token_values(scored: list[tuple]) -> dict[str, np.ndarray]:

@@ -140,7 +140,7 @@ class Scorer:
 
     def token_values(self, inputs, rows, targets) -> dict[str, torch.Tensor]:
         hidden, head = self.positions(inputs, rows)
-        if self.reference is None and not self.keep:
+        if self.reference is None and set(self.keep) <= {"nll"}:
             return {"nll": token_nll(hidden, targets, head)}
         reference = None
         if self.reference is not None:

@@ -25,6 +25,7 @@ def build_summary(
     timings: dict,
     reference_info: dict | None = None,
     reference: Iterable[dict] = (),
+    contexts: Iterable[dict] = (),
 ) -> dict:
     """`rows`: every scored document's row in index order. `timings`: wall_time_s, scoring_time_s
     and the tokens scored in that time (scored_now), which gives tokens_per_second. With a
@@ -32,7 +33,7 @@ def build_summary(
     totals = accumulate(rows, config.bootstrap_samples, config.seed)
     metrics = totals.metrics()
     scored_now, scoring = timings["scored_now"], timings["scoring_time_s"]
-    extra = {}
+    extra = {"context_curve": context_curve(contexts)}
     if reference_info is not None:
         histograms = {name: Histogram() for name in HISTOGRAMS}
         for line in reference:
@@ -54,6 +55,24 @@ def build_summary(
         "scoring_time_s": scoring,
         # Scored tokens per second of scoring time, counting only what this process scored (not a resume's earlier part).
         "tokens_per_second": scored_now / scoring if scored_now and scoring else None,
+    }
+
+
+def context_curve(lines: Iterable[dict]) -> dict:
+    """Mean NLL of the scored tokens by how many tokens their window let the model read before them."""
+    nll: list[float] = []
+    tokens: list[int] = []
+    for line in lines:
+        for i, (a, n) in enumerate(zip(line["nll"], line["tokens"])):
+            if i == len(nll):
+                nll.append(0.0)
+                tokens.append(0)
+            nll[i] += a
+            tokens[i] += n
+    return {
+        "context_tokens": [[2**i, 2 ** (i + 1) - 1] for i in range(len(nll))],
+        "mean_nll": [a / n if n else None for a, n in zip(nll, tokens)],
+        "tokens": tokens,
     }
 
 

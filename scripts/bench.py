@@ -6,6 +6,7 @@
     python scripts/bench.py --convention lm-eval --repeat 2   # against lm-evaluation-harness itself
     python scripts/bench.py --dtypes float32 --floor          # and the forward passes alone: the ceiling
     python scripts/bench.py --convention lm-eval --paired 12  # one window, engines alternating: compute alone
+    python scripts/bench.py --paired 12 --save-tokens          # and what --save-tokens costs a window
 
 The articles are joined into one document and tokenized without special tokens, so every run
 scores exactly the tokens the recipe scores. Each engine prints scored tokens/s, tokens/s through
@@ -13,7 +14,8 @@ the model, achieved GFLOP/s as a fraction of a measured matmul peak, peak memory
 weights, and its perplexity and difference from the baseline's exact per-token perplexity.
 `--floor` adds the forward passes alone (decoder, then the LM head on the rows ppl-eval scores,
 no log-softmax): the least time any exact engine built on torch's kernels needs, so its speedup
-is the ceiling for ppl-eval's.
+is the ceiling for ppl-eval's. `--save-tokens` adds ppl-eval with every scored token's log
+probability, entropy and rank computed and written to Parquet, as `run --save-tokens` does.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +44,8 @@ from ppl_cli.documents import load_documents  # noqa: E402
 from ppl_cli.model import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
 from ppl_cli.conventions import Windowing  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens  # noqa: E402
-from ppl_cli.results import score_documents  # noqa: E402
+from ppl_cli.results import score_documents, scored_positions, token_values  # noqa: E402
+from ppl_cli.token_export import TokenPieces, document_table, write_part  # noqa: E402
 from ppl_cli import scorer as scorer_module  # noqa: E402
 from ppl_cli.scorer import Job, Scorer  # noqa: E402
 from ppl_cli.windows import lm_eval_windows, sliding_windows  # noqa: E402
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every engine; each keeps its fastest")
     parser.add_argument("--floor", action="store_true", help="also time the float32 forward passes alone")
+    parser.add_argument("--save-tokens", action="store_true", help="also time float32 with every token saved to Parquet")
     parser.add_argument("--paired", type=int, metavar="ROUNDS",
                         help="instead: one steady-state window, the engines taking turns ROUNDS times in this "
                         "one process (compute alone, resistant to drift; see paired_windows)")  # fmt: skip
@@ -95,6 +101,8 @@ def main() -> None:
             engines.append(f"ppl-eval:{dtype}")
     if args.floor:
         engines.append("floor:float32")
+    if args.save_tokens:
+        engines.append("tokens:float32")
 
     # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
     # keep_freed_memory) must not speed up the baseline. --repeat: the engines take turns, round
@@ -171,6 +179,9 @@ def run_engine(args) -> dict:
     elif kind == "ppl-eval":
         scorer = Scorer(lm.model.to(getattr(torch, dtype)), lm.device, batch_tokens)
         row = measure("ppl-eval", dtype, lambda: (document_nll(scorer, sequence, windowing), scored), lm)
+    elif kind == "tokens":
+        save = TokenSaver(lm, batch_tokens)
+        row = measure("ppl-eval --save-tokens", dtype, lambda: (save.document(sequence, windowing), scored), lm)
     else:
         scorer = Scorer(lm.model, lm.device, batch_tokens)
         row = measure("floor", dtype, lambda: forward_floor(scorer, sequence, windowing, scored), lm)
@@ -195,6 +206,26 @@ def real_lm_eval(args) -> bool:
 
 def document_nll(scorer, ids, windowing) -> float:
     return sum(s.sums["nll_sum"] for _, s in score_documents(scorer, [ids], windowing, None)[0])
+
+
+class TokenSaver:
+    """ppl-eval's engine keeping every token's log p, entropy and rank, written to Parquet as
+    `run --save-tokens` writes them (into a temporary folder)."""
+
+    def __init__(self, lm, batch_tokens):
+        self.scorer = Scorer(lm.model, lm.device, batch_tokens, keep=("nll", "entropy", "rank"))
+        self.pieces = TokenPieces(lm.tokenizer)
+        self.folder = Path(tempfile.mkdtemp(prefix="ppl-eval-bench-tokens-"))
+
+    def document(self, ids, windowing) -> float:
+        scored = score_documents(self.scorer, [ids], windowing, None)[0]
+        write_part(self.folder, [document_table(0, scored_positions(scored), token_values(scored), self.pieces)])
+        return sum(s.sums["nll_sum"] for _, s in scored)
+
+    def job(self, job) -> float:
+        [scored] = self.scorer.score([job])
+        write_part(self.folder, [document_table(0, np.arange(job.context, len(job.tokens)), scored.tokens, self.pieces)])
+        return scored.sums["nll_sum"]
 
 
 def forward_floor(scorer, sequence, windowing, scored):
@@ -346,9 +377,12 @@ def paired_windows(args) -> None:
             scorer.score([job])
 
     engines = {baseline_name: baseline, "ppl-eval": lambda: scorer.score([job])[0].sums["nll_sum"], "floor": floor}
+    if args.save_tokens:
+        save = TokenSaver(lm, window)
+        engines["ppl-eval --save-tokens"] = lambda: save.job(job)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     log(f"{args.model}: one {args.convention} window of {window} tokens, {job.scored} scored, {args.paired} rounds")
-    expected, got, _ = (run() for run in engines.values())  # warm-up, untimed; the two NLL sums agree
+    expected, got, *_ = [run() for run in engines.values()]  # warm-up, untimed; the two NLL sums agree
     assert abs(got - expected) <= 1e-5 * abs(expected), f"ppl-eval's window NLL {got} != the baseline's {expected}"
     for round_ in range(args.paired):
         for name, run in list(engines.items())[:: 1 if round_ % 2 == 0 else -1]:
