@@ -11,7 +11,7 @@ import warnings
 import click
 from click.core import ParameterSource
 
-from .config import CONVENTIONS, DETOKENIZERS, DOC_SPLITS, DTYPES, ENCODING_ERRORS, build_config
+from .config import BANDS, CONVENTIONS, DETOKENIZERS, DOC_SPLITS, DTYPES, ENCODING_ERRORS, SELECT_FORMATS, SELECT_METRICS, build_config
 from .errors import PplError, PplWarning
 
 
@@ -163,6 +163,56 @@ def report(runs, output, png, documents, tokens, debug):
         f"{made['output']}: {len(made['plots'])} plots, {made['documents_shown']} documents"
         + (f", {made['coloured']} with their tokens coloured" if made["coloured"] else "")
     )
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options (a recipe); CLI options override it.")
+@click.option("-o", "--output", help="A .jsonl, .jsonl.gz, .jsonl.zst or .parquet file; a folder with --buckets; - for JSON Lines on stdout.")
+@click.option("--metric", type=click.Choice(SELECT_METRICS), help="The per-document metric to select by (default: token_perplexity).")
+@click.option("--min", "min_", type=float, help="Keep documents whose metric is at least this.")
+@click.option("--max", "max_", type=float, help="Keep documents whose metric is at most this.")
+@click.option("--min-perplexity", type=float, help="Keep documents whose token perplexity is at least this.")
+@click.option("--max-perplexity", type=float, help="Keep documents whose token perplexity is at most this.")
+@click.option("--keep", type=click.Choice(BANDS), help="Keep a band by rank: the lowest, middle or highest values.")
+@click.option("--keep-fraction", type=float, help="The band's share of the documents, in (0, 1].")
+@click.option("--buckets", help="Percentile cut points, e.g. 30,60: one output per bucket (head, middle, tail for two).")
+@click.option("--format", "format_", type=click.Choice([f[1:] for f in SELECT_FORMATS]), help="The buckets' file format (default: jsonl).")
+@click.option("--data", multiple=True, help="Read the records from here instead of the run's own source (its fingerprint must match).")
+@click.option("--allow-partial", is_flag=True, help="Select from a partial run (a merge with missing shards, one shard, a run not finished).")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print the selection (what selection.json holds) as JSON.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@click.pass_context
+def select(ctx, run_dir, config_file, as_json, debug, **options):
+    """Keep the records of a scored corpus by perplexity: thresholds, a band by rank, or percentile buckets.
+
+    \b
+    Examples:
+      ppl-eval select scores/crawl --keep middle --keep-fraction 0.5 -o kept.jsonl.gz
+      ppl-eval select scores/crawl --buckets 30,60 -o buckets/
+      ppl-eval select scores/crawl --max-perplexity 1000 --metric bits_per_byte --max 1.2 -o clean.parquet
+      ppl-eval select scores/crawl --keep high --keep-fraction 0.01 --json | jq .cut_points
+    """
+    renamed = {"min_": "min", "max_": "max", "format_": "format"}
+    given = {renamed.get(k, k): v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+
+    def work():
+        from .config import build_config
+        from .select import SelectConfig, select_records
+
+        config = build_config(config_file, SelectConfig, run=run_dir, **given)
+        if as_json and config.output == "-":
+            raise PplError("--json and -o - would both write to stdout; write the records to a file")
+        return select_records(config)
+
+    selection = guarded(work, debug)
+    from .select import format_selection
+
+    if as_json:
+        click.echo(json.dumps(selection, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_selection(selection), err=selection["selected"][0]["file"] == "-")
 
 
 def guarded(work, debug: bool):

@@ -16,8 +16,18 @@ DOC_SPLITS = ("file", "line", "blank-line")
 ENCODING_ERRORS = ("strict", "replace")
 CONVENTIONS = ("sliding", "hf-recipe", "lm-eval", "llama-cpp")
 DETOKENIZERS = ("none", "wikitext")
+SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")  # ppl-eval select --metric
+BANDS = ("low", "middle", "high")  # ppl-eval select --keep
+SELECT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # what ppl-eval select writes
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "python-docstrings"
+
+
+def as_tuple(value):
+    """A list (YAML, JSON) or one string (Python, `data: x`) as the tuple a config field holds."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -63,8 +73,7 @@ class Config:
     save_tokens: bool = False  # every scored token to tokens/part-*.parquet
 
     def __post_init__(self):
-        if isinstance(self.data, (str, list)):  # `data: x` or `data: [x, y]` in YAML, a string in Python
-            object.__setattr__(self, "data", (self.data,) if isinstance(self.data, str) else tuple(self.data))
+        object.__setattr__(self, "data", as_tuple(self.data))
         check_types(self)
         for name in ("dtype", "reference_dtype"):
             if getattr(self, name) not in DTYPES:
@@ -100,32 +109,39 @@ class Config:
         return {**dataclasses.asdict(self), "data": list(self.data)}
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Config)]
+def field_names(cls=Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
-def check_types(config: Config) -> None:
-    """Reject a value of the wrong type, as a YAML file can give (`window: "big"`)."""
-    hints = typing.get_type_hints(Config)
-    for name in field_names():
+def check_types(config) -> None:
+    """Reject a value of the wrong type, as a YAML file can give (`window: "big"`), in any command's config."""
+    hints = typing.get_type_hints(type(config))
+    for name in field_names(type(config)):
         value, hint = getattr(config, name), hints[name]
-        if typing.get_origin(hint) is tuple:  # tuple[str, ...]
-            if not all(isinstance(v, str) for v in value):
-                raise PplError(f"{name} must be a string or a list of strings, got {value!r}")
-            continue
         allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        ok = any(
-            (value is None and kind is type(None))
-            # bool is an int in Python; a YAML `window: true` must still fail.
-            or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
-            for kind in allowed
-        )
+        ok = any(value is None and kind is type(None) or is_instance(value, kind) for kind in allowed)
         if not ok:
-            expected = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+            expected = " or ".join("null" if k is type(None) else type_name(k) for k in allowed)
             raise PplError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
-def load_yaml(path: str | Path) -> dict:
+def is_instance(value, kind) -> bool:
+    if typing.get_origin(kind) is tuple:  # tuple[str, ...], tuple[float, ...]
+        return isinstance(value, tuple) and all(is_instance(v, typing.get_args(kind)[0]) for v in value)
+    if isinstance(value, bool):  # bool is an int in Python; a YAML `window: true` must still fail.
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(kind, type) and isinstance(value, kind)
+
+
+def type_name(kind) -> str:
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {typing.get_args(kind)[0].__name__}"
+    return kind.__name__
+
+
+def load_yaml(path: str | Path, cls=Config) -> dict:
     """Read a config file into a dict of known keys; unknown keys are an error, not ignored."""
     import yaml
 
@@ -141,14 +157,14 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise PplError(f"config file {path} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(field_names()))
+    unknown = sorted(set(data) - set(field_names(cls)))
     if unknown:
-        raise PplError(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(field_names())})")
+        raise PplError(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(field_names(cls))})")
     return data
 
 
-def build_config(config_file: str | None = None, **overrides) -> Config:
+def build_config(config_file: str | None = None, cls=Config, **overrides):
     """Defaults, then the YAML file, then explicit overrides (the CLI's options that were given)."""
-    values = load_yaml(config_file) if config_file else {}
+    values = load_yaml(config_file, cls) if config_file else {}
     values.update(overrides)
-    return Config(**values)
+    return cls(**values)

@@ -64,14 +64,16 @@ class DocumentStream:
     `digest` the sum of the yielded documents' digests (see fingerprint()).
     """
 
-    def __init__(self, sources: list[Source], config: Config, mine: Callable[[int], bool] = lambda i: True, stdin=None):
+    def __init__(
+        self, sources: list[Source], config: Config, mine: Callable[[int], bool] = lambda i: True, stdin=None, all_columns: bool = False
+    ):
         self.sources = sources
         self.config = config
         self.mine = mine
         self.counter = ByteCounter()
         self.count = 0
         self.digest = 0
-        self._records = itertools.islice(all_records(sources, config, self.counter, stdin), config.limit)
+        self._records = itertools.islice(all_records(sources, config, self.counter, stdin, all_columns), config.limit)
         self._first: list[Record] = []
 
     @property
@@ -91,6 +93,11 @@ class DocumentStream:
         self._first = [first]
 
     def __iter__(self) -> Iterator[tuple[int, Document]]:
+        for index, _, doc in self.with_records():
+            yield index, doc
+
+    def with_records(self) -> Iterator[tuple[int, Record, Document]]:
+        """(index, the record as read, its document) for this process's documents."""
         records = itertools.chain(self._first, self._records)
         self._first = []
         for index, record in enumerate(records):
@@ -98,7 +105,7 @@ class DocumentStream:
             if self.mine(index):
                 doc = to_document(record, self.config)
                 self.digest = (self.digest + digest(index, doc)) % 2**256
-                yield index, doc
+                yield index, record, doc
 
 
 def digest(index: int, doc: Document) -> int:
@@ -131,14 +138,14 @@ def load_documents(config: Config, stdin=None) -> list[Document]:
 # --- records of each kind of source -----------------------------------------------------------
 
 
-def all_records(sources: list[Source], config: Config, counter: ByteCounter, stdin) -> Iterator[Record]:
+def all_records(sources: list[Source], config: Config, counter: ByteCounter, stdin, all_columns: bool = False) -> Iterator[Record]:
     for source in sources:
         if source.kind == "builtin":
             yield from (Record(source, None, doc) for doc in python_docstrings())
         elif source.kind == "hub":
             yield from hub_records(source, config)
         elif source.format == "parquet":
-            yield from parquet_records(source, config, counter)
+            yield from parquet_records(source, config, counter, all_columns)
         else:
             stream, source = open_binary(source, counter, stdin)
             with stream:
@@ -478,6 +485,18 @@ def to_document(record: Record, config: Config) -> Document:
     if isinstance(record.payload, Document):  # WikiText articles, the built-in corpus
         return record.payload
     return Document(default_id(record), record.payload)  # plain text
+
+
+def whole_record(record: Record, doc: Document) -> dict:
+    """The record as it is in the source, every field in order: the parsed JSON object, the CSV,
+    Parquet or hub row; a document of plain text or WikiText is {"id": ..., "text": ...}."""
+    fmt = record.source.format
+    if fmt == "jsonl":
+        line = record.payload.removeprefix(BOM) if record.position == 1 else record.payload
+        return json.loads(line)
+    if fmt in ("json", "csv", "parquet", "hub"):
+        return dict(table_row(record))
+    return {"id": doc.id, "text": doc.text}
 
 
 def where(record: Record) -> str:

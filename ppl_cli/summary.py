@@ -105,7 +105,7 @@ def input_identity(sources: list[Source], config: Config) -> dict:
         "data_files": f"{len(files)} files, {sum(size or 0 for _, size in files):,} bytes, names and sizes #{names_and_sizes}",
         "data_options": {
             key: getattr(config, key)
-            for key in ("data_config", "split", "text_field", "id_field", "doc_split", "encoding_errors", "limit")
+            for key in ("data_config", "split", "streaming", "text_field", "id_field", "doc_split", "encoding_errors", "limit")
         },
     }
 
