@@ -17,11 +17,12 @@ import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any, BinaryIO, NamedTuple
 
 from .config import Config
 from .errors import EXIT_DATA, PplError
-from .sources import WIKITEXT_HUB, ByteCounter, Source, first_line, open_binary, open_seekable, replace
+from .sources import WIKITEXT_HUB, ByteCounter, Source, first_line, open_binary, open_seekable, resolve_sources
 
 # Standard-library modules whose docstrings are long English prose, in a fixed order. They are
 # read from the installed sources (never imported); the text varies a little between Python
@@ -39,6 +40,7 @@ DOCSTRING_MODULES = (
 WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")  # " = Title = ", not " = = Section = = "
 PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # --doc-split blank-line
 BOM = b"\xef\xbb\xbf"
+LINE_FORMATS = ("jsonl", "csv", "text", "wikitext")  # records are found by line; the others by row or record number
 FINGERPRINT_PREFIX = "sha256-sum:"
 PARQUET_BATCH = 1024  # rows per Arrow batch
 
@@ -128,8 +130,6 @@ def add_fingerprints(fingerprints: Iterable[str]) -> str:
 
 def load_documents(config: Config, stdin=None) -> list[Document]:
     """Every document of config.data as a list (tests and small inputs; runs stream)."""
-    from .sources import resolve_sources
-
     stream = DocumentStream(resolve_sources(config), config, stdin=stdin)
     stream.check()
     return [doc for _, doc in stream]
@@ -504,7 +504,7 @@ def where(record: Record) -> str:
     source, position = record.source, record.position
     if position is None:
         return source.name
-    if source.format in ("jsonl", "csv", "text", "wikitext"):
+    if source.format in LINE_FORMATS:
         return f"{source.name} line {position}"
     return f"{source.name} {'record' if source.format == 'json' else 'row'} {position}"
 
@@ -515,7 +515,7 @@ def default_id(record: Record) -> str:
     source, position = record.source, record.position
     if position is None:
         return source.name
-    if source.format in ("jsonl", "csv", "text", "wikitext"):
+    if source.format in LINE_FORMATS:
         return f"{source.name}:{position}"
     return f"{source.name}[{position}]"
 

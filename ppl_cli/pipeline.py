@@ -23,7 +23,7 @@ from .reports import RunDirectory, read_rows
 from .sharding import share
 from .signals import Interrupted, stop_signals
 from .sources import resolve_sources
-from .summary import build_summary, data_description, input_identity
+from .summary import build_summary, data_description, run_identity
 from .token_export import keep_only_done
 
 
@@ -87,21 +87,7 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     lm = load_model(config, ranks.local_rank)
     windowing = resolve_windowing(config, lm)
     ref = load_reference(config, lm, windowing, ranks.local_rank) if config.reference_model else None
-    identity = {
-        "model": config.model,
-        "revision": config.revision,
-        "dtype": lm.info["dtype"],
-        **input_identity(sources, config),
-        "shard": config.shard,
-        "convention": windowing.convention,
-        "detokenize": windowing.detokenize,
-        "window": windowing.window,
-        "stride": windowing.stride,
-        "add_bos": windowing.add_bos,
-        "reference_model": config.reference_model,
-        "reference_dtype": ref.info["dtype"] if ref else None,
-        "save_tokens": config.save_tokens,
-    }
+    identity = run_identity(config, lm.info, sources, windowing, ref and ref.info)
     begin_run(run_dir, ranks, identity)
 
     batch_tokens = config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window)
@@ -117,9 +103,9 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
             retokenize = lambda item: item._replace(ids=token_ids(encode, [item.document.text], windowing)[0])  # noqa: E731
             tally = score_stream(scorer, items, windowing, run_dir.append, bar, stop, retokenize, write_tokens)
     except Interrupted as e:
-        bar.close()
         raise stopped(e.signum, bar.documents, run_dir) from None
-    bar.close()
+    finally:
+        bar.close()
     scoring_time = time.perf_counter() - scoring_started
 
     parts = ranks.gather((tally, stream.digest, stream.count))

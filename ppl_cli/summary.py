@@ -95,6 +95,25 @@ def data_description(sources: list[Source], config: Config, documents: int, fing
     return out
 
 
+def run_identity(config: Config, model_info: dict, sources: list[Source], windowing: Windowing, reference_info: dict | None) -> dict:
+    """What run.json records: what must not change when a run resumes, or between shards to merge."""
+    return {
+        "model": config.model,
+        "revision": config.revision,
+        "dtype": model_info["dtype"],
+        **input_identity(sources, config),
+        "shard": config.shard,
+        "convention": windowing.convention,
+        "detokenize": windowing.detokenize,
+        "window": windowing.window,
+        "stride": windowing.stride,
+        "add_bos": windowing.add_bos,
+        "reference_model": config.reference_model,
+        "reference_dtype": reference_info["dtype"] if reference_info else None,
+        "save_tokens": config.save_tokens,
+    }
+
+
 def input_identity(sources: list[Source], config: Config) -> dict:
     """What run.json records of the input, cheap to know before anything is read: the names and
     sizes of the files and the options that turn records into documents."""

@@ -4,8 +4,8 @@
 #   bash scripts/slurm-array.sh MODEL DATA OUT [N]
 #   bash scripts/slurm-array.sh gpt2 my-corpus.jsonl results/gpt2-corpus 64
 #
-# Each array task runs `ppl-eval run --shard I/N` into OUT/shard-I: the documents are split by
-# token count, the same way in every task, so no task talks to another. A task that is
+# Each array task runs `ppl-eval run --shard I/N` into OUT/shard-I: document d goes to shard d mod N,
+# the same rule in every task, so no task talks to another or reads the corpus first. A task that is
 # pre-empted or fails can simply be requeued (`scontrol requeue JOBID_I`): it resumes from the
 # documents it already finished. When every task has succeeded, the merge job writes OUT/all,
 # whose summary equals a single run over the whole corpus.

@@ -120,6 +120,42 @@ def test_llama_cpp_convention_equals_its_chunk_loop(tiny_llama, tiny_llama_other
     assert ref["delta_p_mean"]["value"] == pytest.approx(naive["delta_p"] / naive["count"], rel=1e-3, abs=1e-6)
 
 
+def naive_lm_eval(q, p, tokens, prefix, max_len):
+    """lm-evaluation-harness's rolling windows (tests/reference.py's port), each scored by both models."""
+    total, predicted = {}, 0
+    first = min(max_len, len(tokens))
+    pairs = [([prefix] + tokens[: first - 1], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        length = min(len(tokens) - predicted, max_len)
+        end = predicted + length
+        pairs.append((tokens[end - max_len - 1 : end - 1], tokens[end - length : end]))
+        predicted = end
+    for context, continuation in pairs:
+        whole = (context[: len(context) - (len(continuation) - 1)] + continuation)[-(max_len + 1) :]
+        add(total, naive_window(q, p, whole, len(whole) - len(continuation)))
+    return total
+
+
+@pytest.mark.parametrize("convention", ["lm-eval", "hf-recipe"])
+def test_the_other_conventions_equal_their_naive_loops(tiny_llama, tiny_llama_other, corpus_jsonl, corpus_texts, convention):
+    q, p = (AutoModelForCausalLM.from_pretrained(m).eval() for m in (tiny_llama, tiny_llama_other))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    result = evaluate(Config(model=tiny_llama, reference_model=tiny_llama_other, data=corpus_jsonl, window=24, stride=8,
+                             convention=convention, max_batch_tokens=200, bootstrap_samples=0))  # fmt: skip
+    if convention == "lm-eval":
+        naive = {}
+        for text in corpus_texts:
+            add(naive, naive_lm_eval(q, p, tokenizer(text, add_special_tokens=False).input_ids, tokenizer.bos_token_id, 24))
+    else:  # the guide's windows over the joined text, no special tokens
+        naive = naive_sliding(q, p, tokenizer(JOIN.join(corpus_texts), add_special_tokens=False).input_ids, 24, 8)
+    ref = result.summary["reference"]
+    assert result.summary["tokens"] == naive["count"]
+    assert ref["kld_mean"]["value"] == pytest.approx(naive["kld"] / naive["count"], rel=1e-4)
+    assert ref["same_top_p"]["value"] == naive["same_top"] / naive["count"]
+    assert ref["perplexity"] == pytest.approx(math.exp(naive["ref_nll"] / naive["count"]), rel=1e-5)
+
+
 def test_a_model_against_itself(tiny_llama, corpus_jsonl):
     result = evaluate(Config(model=tiny_llama, reference_model=tiny_llama, data=corpus_jsonl, window=32, bootstrap_samples=0))
     ref = result.summary["reference"]
