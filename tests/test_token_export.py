@@ -108,6 +108,16 @@ def test_shards_merged_hold_the_single_runs_tokens(tiny_llama, corpus_jsonl, tmp
     assert both["tokens"] == one["tokens"] and both["mean_nll"] == pytest.approx(one["mean_nll"], rel=1e-9)
 
 
+def test_torchrun_ranks_write_the_single_runs_tokens(tiny_llama, corpus_jsonl, tmp_path):
+    from test_scale_out import torchrun
+
+    run(tiny_llama, corpus_jsonl, tmp_path / "single")
+    torchrun("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--save-tokens", "-o", str(tmp_path / "ddp"))
+    a, b = saved_tokens(tmp_path / "single"), saved_tokens(tmp_path / "ddp")
+    assert (a["index"], a["position"], a["token_id"]) == (b["index"], b["position"], b["token_id"])
+    assert b["logprob"] == pytest.approx(a["logprob"], rel=1e-5) and b["entropy"] == pytest.approx(a["entropy"], rel=1e-5)
+
+
 def test_with_a_reference_model_the_tokens_carry_its_log_probability_and_kl(tiny_llama, corpus_jsonl, tmp_path):
     run(tiny_llama, corpus_jsonl, tmp_path / "out", "--reference-model", tiny_llama)
     columns = saved_tokens(tmp_path / "out")
