@@ -126,7 +126,7 @@ def corpus_jsonl(tmp_path, corpus_texts) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M (GGUF, de-quantized to float32), loaded once per session."""
+    """The real SmolLM2-135M (GGUF, de-quantized to float32), loaded once per test run."""
     from ppl_cli import Config
     from ppl_cli.errors import PplError
     from ppl_cli.model import load_model

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def use_loaded_smollm2(smollm2, monkeypatch):
-    """evaluate() reuses the session's model instead of de-quantizing the GGUF again (15-20 s)."""
+    """evaluate() reuses the test run's model instead of de-quantizing the GGUF again (15-20 s)."""
     monkeypatch.setattr(ppl_cli.model, "load_model", lambda config, local_rank=0: smollm2)
     return smollm2
 
