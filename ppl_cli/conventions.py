@@ -33,10 +33,6 @@ class Windowing:
     prefix_id: int | None = None  # lm-eval: the token prepended to every document
     detokenize: str = "none"
 
-    @property
-    def joins_documents(self) -> bool:
-        return self.convention in JOINED_CONVENTIONS
-
     @classmethod
     def from_description(cls, d: dict) -> Windowing:
         """The inverse of describe(), as summary.json holds it (without the token ids it omits)."""

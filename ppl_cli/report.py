@@ -136,11 +136,7 @@ def histogram_figure(runs: list[Run], scans: list[RunScan]):
     for k, (run, s) in enumerate(zip(runs, scans)):
         ax.stairs(s.histogram[lo:hi], HISTOGRAM_EDGES[lo : hi + 1], label=short_name(run), color=COLOURS[k % len(COLOURS)], linewidth=1.6)
     ax.set_xscale("log")
-    ax.set_xlabel("token perplexity of a document (log scale)")
-    ax.set_ylabel("documents")
-    if len(runs) > 1:
-        ax.legend(frameon=False)
-    return fig
+    return labelled(fig, ax, runs, "token perplexity of a document (log scale)", "documents")
 
 
 def context_figure(runs: list[Run]):
@@ -152,8 +148,13 @@ def context_figure(runs: list[Run]):
             x, y = zip(*points)
             ax.plot(x, y, marker="o", markersize=4, label=short_name(run), color=COLOURS[k % len(COLOURS)])
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens of context the model had (buckets 1, 2-3, 4-7, ...)")
-    ax.set_ylabel("mean NLL (nats per token)")
+    return labelled(fig, ax, runs, "tokens of context the model had (buckets 1, 2-3, 4-7, ...)", "mean NLL (nats per token)")
+
+
+def labelled(fig, ax, runs: list[Run], xlabel: str, ylabel: str):
+    """Axis labels, and a legend when there is more than one run to tell apart."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if len(runs) > 1:
         ax.legend(frameon=False)
     return fig
