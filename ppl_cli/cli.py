@@ -98,7 +98,7 @@ def merge(dirs, output, allow_partial, overwrite, as_json, debug):
     """
 
     def work():
-        from .merge import merge_runs
+        from .commands.merge import merge_runs
 
         return merge_runs(list(dirs), output, allow_partial, overwrite)
 
@@ -124,12 +124,12 @@ def compare(runs, allow_different_data, bootstrap_samples, seed, top, as_json, m
     """
 
     def work():
-        from .compare import CompareConfig, compare_runs
+        from .commands.compare import CompareConfig, compare_runs
 
         return compare_runs(CompareConfig(tuple(runs), allow_different_data, bootstrap_samples, seed, top))
 
     comparison = guarded(work, debug)
-    from .compare import format_comparison, format_markdown
+    from .commands.compare import format_comparison, format_markdown
 
     if as_json:
         click.echo(json.dumps(comparison, indent=2, ensure_ascii=False))
@@ -154,7 +154,7 @@ def report(runs, output, png, documents, tokens, debug):
     """
 
     def work():
-        from .report import ReportConfig, build_report
+        from .commands.report import ReportConfig, build_report
 
         return build_report(ReportConfig(tuple(runs), output, png, documents, tokens))
 
@@ -198,8 +198,8 @@ def select(ctx, run_dir, config_file, as_json, debug, **options):
     given = {renamed.get(k, k): v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
 
     def work():
+        from .commands.select import SelectConfig, select_records
         from .config import build_config
-        from .select import SelectConfig, select_records
 
         config = build_config(config_file, SelectConfig, run=run_dir, **given)
         if as_json and config.output == "-":
@@ -207,7 +207,7 @@ def select(ctx, run_dir, config_file, as_json, debug, **options):
         return select_records(config)
 
     selection = guarded(work, debug)
-    from .select import format_selection
+    from .commands.select import format_selection
 
     if as_json:
         click.echo(json.dumps(selection, indent=2, ensure_ascii=False))
@@ -234,7 +234,7 @@ def print_summary(result, as_json: bool, main_rank: bool = True):
     if as_json:
         click.echo(json.dumps(result.summary, indent=2, ensure_ascii=False))
     else:
-        from .reports import format_summary
+        from .output.run_directory import format_summary
 
         click.echo(format_summary(result.summary))
 

@@ -8,8 +8,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data.sharding import parse_shard
 from .errors import PplError
-from .sharding import parse_shard
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DOC_SPLITS = ("file", "line", "blank-line")

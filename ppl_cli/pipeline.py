@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .conventions import JOINED_CONVENTIONS, resolve_windowing
-from .documents import DocumentStream, add_fingerprints, fingerprint
+from .data.documents import DocumentStream, add_fingerprints, fingerprint
+from .data.sharding import share
+from .data.sources import resolve_sources
+from .engine.conventions import JOINED_CONVENTIONS, resolve_windowing
 from .errors import PplError
-from .reports import RunDirectory, read_rows
-from .sharding import share
-from .signals import Interrupted, stop_signals
-from .sources import resolve_sources
-from .summary import build_summary, data_description, run_identity
-from .token_export import keep_only_done
+from .output.run_directory import RunDirectory, read_rows
+from .output.summary import build_summary, data_description, run_identity
+from .output.token_export import keep_only_done
+from .runtime.signals import Interrupted, stop_signals
 
 
 @dataclass
@@ -53,7 +53,7 @@ def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
     Under torchrun each rank scores its share and rank 0 writes the reports; every rank returns
     the same summary.
     """
-    from . import distributed
+    from .runtime import distributed
 
     ranks = distributed.start()
     finished = False
@@ -68,11 +68,11 @@ def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
 def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     import torch
 
-    from .model import load_model
-    from .progress import Progress
-    from .results import score_stream
-    from .scorer import Scorer
-    from .tokenizing import background, batch_encoder, joined_document, token_ids, tokenize_documents
+    from .engine.loading import load_model
+    from .engine.scorer import Scorer
+    from .engine.tokenizing import background, batch_encoder, joined_document, token_ids, tokenize_documents
+    from .output.rows import score_stream
+    from .runtime.progress import Progress
 
     started = time.perf_counter()
     if ranks.world > 1 and "-" in config.data:
@@ -144,7 +144,7 @@ def kept_token_values(config: Config) -> tuple[str, ...]:
 
 def token_writer(folder: Path, tokenizer):
     """--save-tokens: each group's documents -> one Parquet part."""
-    from .token_export import TokenPieces, document_table, write_part
+    from .output.token_export import TokenPieces, document_table, write_part
 
     pieces = TokenPieces(tokenizer)
     return lambda documents: write_part(folder, [document_table(i, positions, values, pieces) for i, positions, values in documents])
@@ -152,8 +152,8 @@ def token_writer(folder: Path, tokenizer):
 
 def load_reference(config: Config, lm, windowing, local_rank: int):
     """The reference model, on its own device and dtype; it must read the same token ids as the model."""
-    from .model import load_model
-    from .reference import check_tokenizers
+    from .engine.loading import load_model
+    from .output.kl_statistics import check_tokenizers
 
     ref = load_model(
         config.replace(

@@ -40,15 +40,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppl_cli import Config  # noqa: E402
-from ppl_cli.documents import load_documents  # noqa: E402
-from ppl_cli.model import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
-from ppl_cli.conventions import Windowing  # noqa: E402
+from ppl_cli.data.documents import load_documents  # noqa: E402
+from ppl_cli.engine import scorer as scorer_module  # noqa: E402
+from ppl_cli.engine.conventions import Windowing  # noqa: E402
+from ppl_cli.engine.loading import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
+from ppl_cli.engine.scorer import Job, Scorer  # noqa: E402
+from ppl_cli.engine.windows import lm_eval_windows, sliding_windows  # noqa: E402
+from ppl_cli.output.rows import score_documents, scored_positions, token_values  # noqa: E402
+from ppl_cli.output.token_export import TokenPieces, document_table, write_part  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens  # noqa: E402
-from ppl_cli.results import score_documents, scored_positions, token_values  # noqa: E402
-from ppl_cli.token_export import TokenPieces, document_table, write_part  # noqa: E402
-from ppl_cli import scorer as scorer_module  # noqa: E402
-from ppl_cli.scorer import Job, Scorer  # noqa: E402
-from ppl_cli.windows import lm_eval_windows, sliding_windows  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
 

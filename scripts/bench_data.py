@@ -70,7 +70,7 @@ def save_models(folder: Path) -> tuple[str, str]:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from ppl_cli.model import resolve_model
+    from ppl_cli.engine.loading import resolve_model
 
     source = resolve_model("smollm2-135m")
     smol_tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
@@ -131,11 +131,11 @@ def data_path(corpus: Path, limit: int) -> dict:
     import transformers
 
     from ppl_cli import Config
-    from ppl_cli.conventions import Windowing
-    from ppl_cli.documents import DocumentStream
-    from ppl_cli.model import resolve_model
-    from ppl_cli.sources import resolve_sources
-    from ppl_cli.tokenizing import batch_encoder, tokenize_documents
+    from ppl_cli.data.documents import DocumentStream
+    from ppl_cli.data.sources import resolve_sources
+    from ppl_cli.engine.conventions import Windowing
+    from ppl_cli.engine.loading import resolve_model
+    from ppl_cli.engine.tokenizing import batch_encoder, tokenize_documents
 
     source = resolve_model("smollm2-135m")
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ppl_cli import Config  # noqa: E402
-from ppl_cli.documents import load_documents  # noqa: E402
-from ppl_cli.model import SMOLLM2_FILE, resolve_model  # noqa: E402
+from ppl_cli.data.documents import load_documents  # noqa: E402
+from ppl_cli.engine.loading import SMOLLM2_FILE, resolve_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
 OUT = ROOT / "tests" / "golden" / "smollm2-wikitext-valid.json"

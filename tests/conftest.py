@@ -128,8 +128,8 @@ def corpus_jsonl(tmp_path, corpus_texts) -> str:
 def smollm2():
     """The real SmolLM2-135M (GGUF, de-quantized to float32), loaded once per test run."""
     from ppl_cli import Config
+    from ppl_cli.engine.loading import load_model
     from ppl_cli.errors import PplError
-    from ppl_cli.model import load_model
 
     try:
         return load_model(Config(model="smollm2-135m", device="cpu", dtype="float32"))

@@ -1,8 +1,8 @@
 """Every command through click's CliRunner (or a subprocess where a real process matters)."""
 
 import csv
-import re
 import json
+import re
 import subprocess
 import sys
 
@@ -161,9 +161,9 @@ def test_help_is_instant_without_heavy_imports():
 
 @pytest.mark.parametrize("slowdown,warned", [(60.0, True), (0.25, False)])
 def test_half_precision_on_a_cpu_without_fast_matmul_warns_in_one_line(tiny_gpt2, monkeypatch, slowdown, warned):
-    import ppl_cli.model
+    import ppl_cli.engine.loading
 
-    monkeypatch.setattr(ppl_cli.model, "half_matmul_slowdown", lambda dtype: slowdown)
+    monkeypatch.setattr(ppl_cli.engine.loading, "half_matmul_slowdown", lambda dtype: slowdown)
     result = invoke("--model", tiny_gpt2, "--data", "-", "--dtype", "bfloat16", "--json", input="some words to score\n")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"]["dtype"] == "bfloat16"  # the run goes on, as asked
@@ -177,6 +177,6 @@ def test_half_precision_on_a_cpu_without_fast_matmul_warns_in_one_line(tiny_gpt2
 def test_half_matmul_slowdown_is_a_timing_ratio():
     import torch
 
-    from ppl_cli.model import half_matmul_slowdown
+    from ppl_cli.engine.loading import half_matmul_slowdown
 
     assert 0 < half_matmul_slowdown(torch.bfloat16) < 10_000

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from test_metrics import poisson_draw
 
 from ppl_cli.cli import cli
-from ppl_cli.compare import CompareConfig, compare_runs, paired_p_value
+from ppl_cli.commands.compare import CompareConfig, compare_runs, paired_p_value
 from ppl_cli.errors import PplError
-from ppl_cli.metrics import unit_metrics
+from ppl_cli.output.metrics import unit_metrics
 
 METRICS = {
     "token_perplexity": lambda nll, t, w, b: math.exp(nll / t),

@@ -13,11 +13,11 @@ from conftest import wikitext_valid_or_skip
 from reference import hf_guide_published, hf_recipe, llama_cpp_chunks, lm_eval_rolling, requantized
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import ppl_cli.model
+import ppl_cli.engine.loading
 from ppl_cli import Config, evaluate
 from ppl_cli.cli import cli
-from ppl_cli.conventions import JOIN, wikitext_detokenize
-from ppl_cli.windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows
+from ppl_cli.engine.conventions import JOIN, wikitext_detokenize
+from ppl_cli.engine.windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "smollm2-wikitext-valid.json").read_text())
 
@@ -125,7 +125,7 @@ def test_the_convention_is_recorded_and_guards_resume(tiny_gpt2, corpus_jsonl, t
 
 @pytest.fixture
 def real_run(smollm2, monkeypatch):
-    monkeypatch.setattr(ppl_cli.model, "load_model", lambda config, local_rank=0: smollm2)
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0: smollm2)
     path = wikitext_valid_or_skip()
 
     def run(**options):
@@ -179,7 +179,7 @@ def test_reference_model_statistics_within_what_was_measured_against_llama_perpl
     """
     golden = GOLDEN["llama-cpp-kl"]
     quantized = dataclasses.replace(smollm2, model=requantized(smollm2.model, "Q4_0"), info={**smollm2.info, "id": "q4_0"})
-    monkeypatch.setattr(ppl_cli.model, "load_model", lambda config, local_rank=0: quantized if config.model == "q4_0" else smollm2)
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0: quantized if config.model == "q4_0" else smollm2)
     path = wikitext_valid_or_skip()
     config = Config(model="q4_0", reference_model="smollm2-135m", data=str(path), limit=3, window=GOLDEN["window"],
                     convention="llama-cpp", bootstrap_samples=0)  # fmt: skip

@@ -5,7 +5,7 @@ import pytest
 from conftest import wikitext_valid_or_skip
 
 from ppl_cli.config import Config
-from ppl_cli.documents import (
+from ppl_cli.data.documents import (
     DOCSTRING_MODULES,
     Document,
     digest,
@@ -89,7 +89,7 @@ def test_wikitext_tokens_file(tmp_path):
 
 
 def test_wikitext_from_the_hub_groups_rows_into_articles(monkeypatch):
-    import ppl_cli.documents as documents
+    import ppl_cli.data.documents as documents
 
     calls = []
 

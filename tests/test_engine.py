@@ -9,7 +9,7 @@ from reference import hf_recipe, rolling_disjoint, token_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppl_cli import Config, evaluate
-from ppl_cli.scorer import Job, Scorer, plan_batches
+from ppl_cli.engine.scorer import Job, Scorer, plan_batches
 
 REL = 1e-5
 

@@ -5,15 +5,15 @@ import subprocess
 import sys
 import textwrap
 
-from ppl_cli.scorer import HEAD_CHUNK_ELEMENTS
+from ppl_cli.engine.scorer import HEAD_CHUNK_ELEMENTS
 
 SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from ppl_cli.conventions import Windowing
-    from ppl_cli.results import score_documents
-    from ppl_cli.scorer import Scorer
+    from ppl_cli.engine.conventions import Windowing
+    from ppl_cli.output.rows import score_documents
+    from ppl_cli.engine.scorer import Scorer
 
     vocab, n = int(sys.argv[1]), int(sys.argv[2])
     torch.manual_seed(0)

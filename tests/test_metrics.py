@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-import ppl_cli.metrics
-from ppl_cli.metrics import (
+import ppl_cli.output.metrics
+from ppl_cli.output.metrics import (
     METRIC_KEYS,
     THRESHOLDS,
     corpus_metrics,
@@ -64,7 +64,7 @@ def poisson_draw(u: int) -> int:
 def test_bootstrap_matches_a_naive_poisson_loop(monkeypatch, chunk):
     samples, n = 60, 37
     if chunk:
-        monkeypatch.setattr(ppl_cli.metrics, "BOOTSTRAP_ELEMENTS", samples * chunk)
+        monkeypatch.setattr(ppl_cli.output.metrics, "BOOTSTRAP_ELEMENTS", samples * chunk)
     rng = np.random.default_rng(7)
     nll = rng.uniform(10, 50, n)
     tokens = rng.integers(5, 30, n)

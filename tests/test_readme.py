@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from ppl_cli.cli import cli
-from ppl_cli.metrics import METRIC_KEYS
+from ppl_cli.output.metrics import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

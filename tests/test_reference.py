@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppl_cli import Config, evaluate
 from ppl_cli.cli import cli
-from ppl_cli.conventions import JOIN
+from ppl_cli.engine.conventions import JOIN
 from ppl_cli.errors import PplError
-from ppl_cli.reference import KLD_PERCENTILES, Histogram, bins, document_histograms
+from ppl_cli.output.kl_statistics import KLD_PERCENTILES, Histogram, bins, document_histograms
 
 
 @pytest.fixture(scope="session")

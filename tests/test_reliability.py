@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from ppl_cli import Config, evaluate
 from ppl_cli.cli import cli
+from ppl_cli.engine.scorer import Job, Scorer
 from ppl_cli.errors import PplError
-from ppl_cli.scorer import Job, Scorer
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ppl_cli.cli import cli
-from ppl_cli.sharding import parse_shard, share
+from ppl_cli.data.sharding import parse_shard, share
 
 REL = 1e-6
 SPLIT_INDEPENDENT = {"wall_time_s", "scoring_time_s", "tokens_per_second", "config", "data", "ranks", "model"}

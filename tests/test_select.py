@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from ppl_cli.cli import cli
+from ppl_cli.commands.select import SelectConfig, select_records
 from ppl_cli.config import build_config
 from ppl_cli.errors import PplError
-from ppl_cli.select import SelectConfig, select_records
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "select").glob("*.yaml"))
 

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-import ppl_cli.documents
+import ppl_cli.data.documents
 from ppl_cli import Config, evaluate
 from ppl_cli.cli import cli
-from ppl_cli.documents import PARAGRAPH_BREAK, Document, load_documents, paragraphs
+from ppl_cli.data.documents import PARAGRAPH_BREAK, Document, load_documents, paragraphs
 from ppl_cli.errors import PplError
 
 try:
@@ -251,19 +251,19 @@ def test_json_lines_with_a_byte_order_mark(tmp_path, texts):
 
 @pytest.mark.parametrize("data", ["-", "{empty}"])
 def test_empty_input_is_an_error_before_the_model_loads(tmp_path, data, monkeypatch):
-    import ppl_cli.model
+    import ppl_cli.engine.loading
 
     (tmp_path / "empty.txt").write_bytes(b"")
-    monkeypatch.setattr(ppl_cli.model, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda *a: pytest.fail("the model was loaded"))
     result = CliRunner().invoke(cli, ["run", "--data", data.replace("{empty}", str(tmp_path / "empty.txt"))], input=b"")
     assert result.exit_code == 3, result.output
     assert "no documents in" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_wrong_text_field_fails_before_the_model_loads(corpus_jsonl, monkeypatch):
-    import ppl_cli.model
+    import ppl_cli.engine.loading
 
-    monkeypatch.setattr(ppl_cli.model, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda *a: pytest.fail("the model was loaded"))
     result = CliRunner().invoke(cli, ["run", "--data", corpus_jsonl, "--text-field", "body"])
     assert result.exit_code == 3 and "line 1 has no field 'body' (fields: id, text)" in result.stderr
 
@@ -305,11 +305,11 @@ def test_streaming_needs_a_hub_dataset(corpus_jsonl):
 def test_other_shards_records_are_never_parsed(tmp_path, texts, monkeypatch):
     path = write(tmp_path / "c.jsonl.gz", jsonl_bytes(rows_of(texts * 3)))
     parsed = []
-    real = ppl_cli.documents.jsonl_document
-    monkeypatch.setattr(ppl_cli.documents, "jsonl_document", lambda record, config: parsed.append(record.position) or real(record, config))
-    from ppl_cli.documents import DocumentStream
-    from ppl_cli.sharding import share
-    from ppl_cli.sources import resolve_sources
+    real = ppl_cli.data.documents.jsonl_document
+    monkeypatch.setattr(ppl_cli.data.documents, "jsonl_document", lambda record, config: parsed.append(record.position) or real(record, config))
+    from ppl_cli.data.documents import DocumentStream
+    from ppl_cli.data.sharding import share
+    from ppl_cli.data.sources import resolve_sources
 
     config = Config(data=str(path))
     stream = DocumentStream(resolve_sources(config), config, share("1/4"))
@@ -328,7 +328,7 @@ def test_paragraphs_stream_equals_splitting_the_whole_text(parts, trailing_newli
 def test_fast_tokenizer_path_equals_transformers(tiny_gpt2, tiny_llama, texts):
     from transformers import AutoTokenizer
 
-    from ppl_cli.tokenizing import batch_encoder
+    from ppl_cli.engine.tokenizing import batch_encoder
 
     for model in (tiny_gpt2, tiny_llama):
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -336,7 +336,7 @@ def test_fast_tokenizer_path_equals_transformers(tiny_gpt2, tiny_llama, texts):
 
 
 def test_a_resumed_run_does_not_tokenize_what_is_done(tiny_llama, tmp_path, texts, monkeypatch):
-    import ppl_cli.tokenizing
+    import ppl_cli.engine.tokenizing
 
     path = write(tmp_path / "c.jsonl", jsonl_bytes(rows_of(texts * 4)))
     out = tmp_path / "out"
@@ -346,8 +346,8 @@ def test_a_resumed_run_does_not_tokenize_what_is_done(tiny_llama, tmp_path, text
     (out / "summary.json").unlink()
     (out / "documents.jsonl").write_text("\n".join(lines[:30]) + "\n")  # as if killed after 30 documents
     seen = []
-    real = ppl_cli.tokenizing.token_ids
-    monkeypatch.setattr(ppl_cli.tokenizing, "token_ids", lambda encode, t, w: seen.extend(t) or real(encode, t, w))
+    real = ppl_cli.engine.tokenizing.token_ids
+    monkeypatch.setattr(ppl_cli.engine.tokenizing, "token_ids", lambda encode, t, w: seen.extend(t) or real(encode, t, w))
     resumed = evaluate(config).documents
     assert resumed == full
     done_texts = {(texts * 4)[row["index"]] for row in full[:30]}

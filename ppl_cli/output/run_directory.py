@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import EXIT_OUTPUT, PplError
+from ..errors import EXIT_OUTPUT, PplError
 from .metrics import METRIC_KEYS
 
 RUN_FILE = "run.json"  # what the run is, to check a resume against

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import EXIT_OUTPUT, PplError
+from ..output.run_directory import DOCUMENTS_FILE, read_rows, write_atomic
+from ..output.token_export import TOKENS_DIR
 from .compare import CompareConfig, Run, compare_runs, joined_rows, read_run
-from .errors import EXIT_OUTPUT, PplError
-from .reports import DOCUMENTS_FILE, read_rows, write_atomic
-from .token_export import TOKENS_DIR
 
 HISTOGRAM_EDGES = 10 ** (np.arange(0, 8 * 20 + 1) / 20)  # token perplexity 1 to 1e8, 20 bins a decade
 SCATTER_POINTS = 5000

@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..data.documents import Document
+from ..errors import EXIT_DATA, PplError
 from .conventions import JOIN, JOINED_ID, Windowing, prefix, text_to_score, windows
-from .documents import Document
-from .errors import EXIT_DATA, PplError
 
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 TOKENIZE_CHARS = 1 << 20  # ... or fewer, when they are long

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .errors import EXIT_MODEL, PplError
+from ..errors import EXIT_MODEL, PplError
+
 BINS_PER_DECADE = 100  # a bin spans a factor 10^(1/100): a value is known to within 1.16%
 SMALLEST = 1e-12  # |values| below this fall in the zero bin (and read back as 0)
 HISTOGRAMS = ("kld", "delta_p")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EXIT_DATA, PplError
-from .metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
-from .reports import DOCUMENTS_FILE, SUMMARY_FILE, read_rows
+from ..errors import EXIT_DATA, PplError
+from ..output.metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
+from ..output.run_directory import DOCUMENTS_FILE, SUMMARY_FILE, read_rows
 
 METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
 UNITS = ("tokens", "words", "bytes")  # the denominators, in the column order of the sums below

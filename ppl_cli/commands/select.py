@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import BANDS, Config, as_tuple, check_types
-from .config import SELECT_FORMATS as FORMATS
-from .config import SELECT_METRICS as METRICS
-from .documents import DocumentStream, digest, fingerprint, whole_record
-from .errors import EXIT_DATA, EXIT_OUTPUT, PplError
-from .reports import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, read_rows, write_atomic
-from .sharding import parse_shard
-from .sources import resolve_sources
+from ..config import BANDS, Config, as_tuple, check_types
+from ..config import SELECT_FORMATS as FORMATS
+from ..config import SELECT_METRICS as METRICS
+from ..data.documents import DocumentStream, digest, fingerprint, whole_record
+from ..data.sharding import parse_shard
+from ..data.sources import resolve_sources
+from ..errors import EXIT_DATA, EXIT_OUTPUT, PplError
+from ..output.run_directory import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, read_rows, write_atomic
 
 PREFIX = "ppl_eval"  # each written record gains {"ppl_eval": {"index": ..., "token_perplexity": ..., ...}}
 SCORE_FIELDS = ("index", "id", "token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "nll_sum", "tokens")

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any, BinaryIO, NamedTuple
 
-from .config import Config
-from .errors import EXIT_DATA, PplError
+from ..config import Config
+from ..errors import EXIT_DATA, PplError
 from .sources import WIKITEXT_HUB, ByteCounter, Source, first_line, open_binary, open_seekable, resolve_sources
 
 # Standard-library modules whose docstrings are long English prose, in a fixed order. They are

@@ -10,9 +10,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from . import metrics
-from .errors import PplError
-from .metrics import perplexity
+from ..errors import PplError
+from ..output import metrics
+from ..output.metrics import perplexity
 from .windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows, sliding_windows
 
 JOIN = "\n\n"  # the HF guide joins its test split with blank lines; llama-cpp gets the same text

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .errors import PplError
+from ..errors import PplError
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Iterable
 from importlib import metadata
 
-from .config import Config
-from .conventions import Windowing, convention_summary
+from ..config import Config
+from ..data.sources import Source
+from ..engine.conventions import Windowing, convention_summary
+from .kl_statistics import HISTOGRAMS, Histogram, reference_summary
 from .metrics import accumulate
-from .reference import HISTOGRAMS, Histogram, reference_summary
-from .sources import Source
 
 
 def build_summary(

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import EXIT_MODEL, EXIT_NUMERIC, PplError
 from .attention import use_blocked_attention
-from .errors import EXIT_MODEL, EXIT_NUMERIC, PplError
-from .model import probe_ids
+from .loading import probe_ids
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per head chunk: 64 MiB in float32
 PAD_ID = 0  # right padding is never attended to by real tokens under a causal mask

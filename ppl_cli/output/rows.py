@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conventions import Windowing, count_words, first_token_replacement, windows
-from .documents import Document
+from ..data.documents import Document
+from ..engine.conventions import Windowing, count_words, first_token_replacement, windows
+from ..engine.tokenizing import Tokenized
+from .kl_statistics import REFERENCE_SUMS, document_histograms
 from .metrics import count_bytes, unit_metrics
-from .reference import REFERENCE_SUMS, document_histograms
-from .reports import CONTEXTS_STEM, REFERENCE_STEM
-from .tokenizing import Tokenized
+from .run_directory import CONTEXTS_STEM, REFERENCE_STEM
 
 GROUP_BATCHES = 8  # a group of documents fills about this many batches before its rows are written
 
@@ -101,7 +101,7 @@ def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens
     """For each token sequence, its windows with what the scorer found (Scored), in order."""
     import torch
 
-    from .scorer import Job
+    from ..engine.scorer import Job
 
     replacement = first_token_replacement(windowing)
     jobs, owners = [], []

@@ -1,0 +1,1 @@
+"""The commands over finished run directories: merge, compare, report and select."""

@@ -1,0 +1,1 @@
+"""Where documents come from: the --data values -> sources -> records -> a numbered stream of documents."""

@@ -1,0 +1,1 @@
+"""How a run's process behaves: torchrun ranks, stop signals, the progress bar."""
