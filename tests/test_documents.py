@@ -5,14 +5,9 @@ import pytest
 from conftest import wikitext_valid_or_skip
 
 from ppl_cli.config import Config
-from ppl_cli.data.documents import (
-    DOCSTRING_MODULES,
-    Document,
-    digest,
-    load_documents,
-    python_docstrings,
-    wikitext_articles,
-)
+from ppl_cli.data.documents import digest, load_documents
+from ppl_cli.data.formats import DOCSTRING_MODULES, python_docstrings, wikitext_articles
+from ppl_cli.data.records import Document
 from ppl_cli.errors import EXIT_DATA, PplError
 
 
@@ -89,7 +84,7 @@ def test_wikitext_tokens_file(tmp_path):
 
 
 def test_wikitext_from_the_hub_groups_rows_into_articles(monkeypatch):
-    import ppl_cli.data.documents as documents
+    import ppl_cli.data.formats as formats
 
     calls = []
 
@@ -97,7 +92,7 @@ def test_wikitext_from_the_hub_groups_rows_into_articles(monkeypatch):
         calls.append((dataset_id, name, split))
         return [{"text": line} for line in WIKI.splitlines(keepends=True)]  # rows, as a Dataset iterates
 
-    monkeypatch.setattr(documents, "load_hub_split", fake_split)
+    monkeypatch.setattr(formats, "load_hub_split", fake_split)
     assert [d.id for d in load("wikitext")] == ["Alpha", "Beta"]
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
 

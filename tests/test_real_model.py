@@ -11,7 +11,7 @@ from reference import hf_recipe, token_logprobs
 
 import ppl_cli.engine.loading
 from ppl_cli import Config, evaluate
-from ppl_cli.data.documents import wikitext_articles
+from ppl_cli.data.formats import wikitext_articles
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_builtin_document_equals_one_forward_pass_with_bos(use_loaded_smollm2):
     lm = use_loaded_smollm2
     result = evaluate(Config(limit=1, bootstrap_samples=0))
     assert result.summary["windowing"] == {"convention": "sliding", "window": 2048, "stride": 1024, "add_bos": True}
-    from ppl_cli.data.documents import python_docstrings
+    from ppl_cli.data.formats import python_docstrings
 
     text = python_docstrings()[0].text
     ids = [1] + lm.tokenizer(text, add_special_tokens=False).input_ids  # BOS <|im_start|> is id 1

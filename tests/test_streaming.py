@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 import ppl_cli.data.documents
 from ppl_cli import Config, evaluate
 from ppl_cli.cli import cli
-from ppl_cli.data.documents import PARAGRAPH_BREAK, Document, load_documents, paragraphs
+from ppl_cli.data.documents import load_documents
+from ppl_cli.data.formats import PARAGRAPH_BREAK, paragraphs
+from ppl_cli.data.records import Document
 from ppl_cli.errors import PplError
 
 try:

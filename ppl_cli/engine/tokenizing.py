@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..data.documents import Document
+from ..data.records import Document
 from ..errors import EXIT_DATA, PplError
 from .conventions import JOIN, JOINED_ID, Windowing, prefix, text_to_score, windows
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.documents import Document
+from ..data.records import Document
 from ..engine.conventions import Windowing, count_words, first_token_replacement, windows
 from ..engine.tokenizing import Tokenized
 from .kl_statistics import REFERENCE_SUMS, document_histograms
