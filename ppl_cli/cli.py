@@ -234,7 +234,7 @@ def print_summary(result, as_json: bool, main_rank: bool = True):
     if as_json:
         click.echo(json.dumps(result.summary, indent=2, ensure_ascii=False))
     else:
-        from .output.run_directory import format_summary
+        from .output.summary import format_summary
 
         click.echo(format_summary(result.summary))
 

@@ -68,7 +68,7 @@ def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
 def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     import torch
 
-    from .engine.loading import load_model
+    from .engine.loading import load_model, load_reference
     from .engine.scorer import Scorer
     from .engine.tokenizing import background, batch_encoder, joined_document, token_ids, tokenize_documents
     from .output.rows import score_stream
@@ -86,7 +86,7 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
         torch.set_num_threads(config.threads)
     lm = load_model(config, ranks.local_rank)
     windowing = resolve_windowing(config, lm)
-    ref = load_reference(config, lm, windowing, ranks.local_rank) if config.reference_model else None
+    ref = load_reference(config, windowing, lm.tokenizer, ranks.local_rank) if config.reference_model else None
     identity = run_identity(config, lm.info, sources, windowing, ref and ref.info)
     begin_run(run_dir, ranks, identity)
 
@@ -148,23 +148,6 @@ def token_writer(folder: Path, tokenizer):
 
     pieces = TokenPieces(tokenizer)
     return lambda documents: write_part(folder, [document_table(i, positions, values, pieces) for i, positions, values in documents])
-
-
-def load_reference(config: Config, lm, windowing, local_rank: int):
-    """The reference model, on its own device and dtype; it must read the same token ids as the model."""
-    from .engine.loading import load_model
-    from .output.kl_statistics import check_tokenizers
-
-    ref = load_model(
-        config.replace(
-            model=config.reference_model, revision=None, dtype=config.reference_dtype, device=config.reference_device or config.device
-        ),
-        local_rank,
-    )
-    check_tokenizers(lm.tokenizer, ref.tokenizer, config.model, config.reference_model)
-    if ref.context_length and windowing.window > ref.context_length:
-        raise PplError(f"--window {windowing.window} is larger than the reference model's context length ({ref.context_length})")
-    return ref
 
 
 def open_run_directory(config: Config, ranks) -> tuple[RunDirectory, Any]:

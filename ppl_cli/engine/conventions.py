@@ -6,13 +6,10 @@ which text) and which windows score them; the engine and the metrics are shared.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 from ..errors import PplError
-from ..output import metrics
-from ..output.metrics import perplexity
 from .windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows, sliding_windows
 
 JOIN = "\n\n"  # the HF guide joins its test split with blank lines; llama-cpp gets the same text
@@ -109,14 +106,6 @@ def first_token_replacement(windowing: Windowing) -> int | None:
     return windowing.bos_id if windowing.convention == "llama-cpp" and windowing.add_bos else None
 
 
-def count_words(text: str, windowing: Windowing) -> int:
-    """Whitespace-separated words; lm-eval counts len(re.split(r"\\s+", text)), which also counts
-    the empty strings before leading and after trailing whitespace."""
-    if windowing.convention == "lm-eval":
-        return len(re.split(r"\s+", text))
-    return metrics.count_words(text)
-
-
 def wikitext_detokenize(string: str) -> str:
     """lm-evaluation-harness's wikitext_detokenizer (tasks/wikitext/preprocess_wikitext.py), step for step."""
     # contractions
@@ -149,22 +138,3 @@ def wikitext_detokenize(string: str) -> str:
     string = string.replace(" N ", " 1 ")
     string = string.replace(" 's", "'s")
     return string
-
-
-def convention_summary(totals: dict, convention: str) -> dict:
-    """The numbers a convention's own tool reports besides the perplexity, from corpus sums."""
-    if convention == "hf-recipe":
-        nll, tokens = totals["published_nll_sum"], totals["published_tokens"]
-        return {"hf_recipe_published": {"nll_sum": nll, "tokens": tokens, "token_perplexity": perplexity(nll, tokens)}}
-    if convention == "llama-cpp":
-        return {"llama_cpp_uncertainty": llama_cpp_uncertainty(totals["nll_sum"], totals["nll_sq_sum"], totals["tokens"])}
-    return {}
-
-
-def llama_cpp_uncertainty(nll_sum: float, nll_sq_sum: float, count: int) -> float | None:
-    """llama-perplexity's '+/-': ppl * sqrt(var(nll) / (count - 1)), var over the scored tokens."""
-    if count < 2:
-        return None
-    mean = nll_sum / count
-    variance = nll_sq_sum / count - mean * mean
-    return math.exp(mean) * math.sqrt(max(variance, 0.0) / (count - 1))

@@ -1,4 +1,4 @@
-"""Find and load a causal LM and its tokenizer: hub id, local directory, .gguf file or built-in alias."""
+"""Find and load a causal LM and its tokenizer (hub id, local directory, .gguf file or built-in alias), and a reference model beside it."""
 
 from __future__ import annotations
 
@@ -195,6 +195,44 @@ def load_model(config: Config, local_rank: int = 0) -> LoadedModel:
     }
     torch.manual_seed(0)  # nothing here is random; this keeps any model that samples internally repeatable
     return LoadedModel(model, tokenizer, device, dtype, context, bos_token_id(tokenizer), info)
+
+
+def load_reference(config: Config, windowing, tokenizer, local_rank: int = 0) -> LoadedModel:
+    """The reference model, on its own device and dtype; it must read the same token ids as the model."""
+    ref = load_model(
+        config.replace(
+            model=config.reference_model, revision=None, dtype=config.reference_dtype, device=config.reference_device or config.device
+        ),
+        local_rank,
+    )
+    check_tokenizers(tokenizer, ref.tokenizer, config.model, config.reference_model)
+    if ref.context_length and windowing.window > ref.context_length:
+        raise PplError(f"--window {windowing.window} is larger than the reference model's context length ({ref.context_length})")
+    return ref
+
+
+def check_tokenizers(model_tokenizer, reference_tokenizer, model: str, reference: str) -> None:
+    """Both models must read the same token ids: the same vocabulary and the same splitting."""
+    a, b = model_tokenizer.get_vocab(), reference_tokenizer.get_vocab()
+    if a != b:
+        by_id_a, by_id_b = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
+        for i in sorted(set(by_id_a) | set(by_id_b)):
+            if by_id_a.get(i) != by_id_b.get(i):
+                raise PplError(
+                    f"the tokenizers of {model} and {reference} differ: token id {i} is {by_id_a.get(i)!r}"
+                    f" in one and {by_id_b.get(i)!r} in the other",
+                    EXIT_MODEL,
+                )
+    probe = "Perplexity, café — 1,234.5 tokens!\n\tcode: x = f(y)  # 🙂"
+    ids_a = model_tokenizer(probe, add_special_tokens=False).input_ids
+    ids_b = reference_tokenizer(probe, add_special_tokens=False).input_ids
+    if ids_a != ids_b:
+        first = next(i for i, (x, y) in enumerate(zip([*ids_a, None], [*ids_b, None])) if x != y)
+        raise PplError(
+            f"the tokenizers of {model} and {reference} split text differently: {probe!r} differs from token {first}"
+            f" ({ids_a[first:first + 3]} vs {ids_b[first:first + 3]})",
+            EXIT_MODEL,
+        )
 
 
 def probe_ids(vocab: int, device):

@@ -1,4 +1,4 @@
-"""--reference-model: how far a model Q is from a reference model P on the same windows.
+"""KL statistics of a --reference-model run: how far a model Q is from a reference model P on the same windows.
 
 Both models score every window in the same pass (scorer.py computes, chunk by chunk, each
 token's KL(P || Q) over the whole vocabulary, whether their most likely tokens agree, and
@@ -15,8 +15,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..errors import EXIT_MODEL, PplError
-
 BINS_PER_DECADE = 100  # a bin spans a factor 10^(1/100): a value is known to within 1.16%
 SMALLEST = 1e-12  # |values| below this fall in the zero bin (and read back as 0)
 HISTOGRAMS = ("kld", "delta_p")
@@ -26,30 +24,6 @@ DELTA_P_PERCENTILES = (("max", 1.0), ("99.9", 0.999), ("99", 0.99), ("95", 0.95)
                        ("25", 0.25), ("10", 0.1), ("5", 0.05), ("1", 0.01), ("0.1", 0.001), ("min", 0.0))  # fmt: skip
 REFERENCE_SUMS = ("nll_sq_sum", "ref_nll_sum", "ref_nll_sq_sum", "nll_ref_nll_sum", "kld_sum", "kld_sq_sum",
                   "same_top", "delta_p_sum", "delta_p_sq_sum", "delta_p_4_sum")  # fmt: skip
-
-
-def check_tokenizers(model_tokenizer, reference_tokenizer, model: str, reference: str) -> None:
-    """Both models must read the same token ids: the same vocabulary and the same splitting."""
-    a, b = model_tokenizer.get_vocab(), reference_tokenizer.get_vocab()
-    if a != b:
-        by_id_a, by_id_b = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
-        for i in sorted(set(by_id_a) | set(by_id_b)):
-            if by_id_a.get(i) != by_id_b.get(i):
-                raise PplError(
-                    f"the tokenizers of {model} and {reference} differ: token id {i} is {by_id_a.get(i)!r}"
-                    f" in one and {by_id_b.get(i)!r} in the other",
-                    EXIT_MODEL,
-                )
-    probe = "Perplexity, café — 1,234.5 tokens!\n\tcode: x = f(y)  # 🙂"
-    ids_a = model_tokenizer(probe, add_special_tokens=False).input_ids
-    ids_b = reference_tokenizer(probe, add_special_tokens=False).input_ids
-    if ids_a != ids_b:
-        first = next(i for i, (x, y) in enumerate(zip([*ids_a, None], [*ids_b, None])) if x != y)
-        raise PplError(
-            f"the tokenizers of {model} and {reference} split text differently: {probe!r} differs from token {first}"
-            f" ({ids_a[first:first + 3]} vs {ids_b[first:first + 3]})",
-            EXIT_MODEL,
-        )
 
 
 def bins(values: np.ndarray) -> np.ndarray:

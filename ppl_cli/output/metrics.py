@@ -7,6 +7,7 @@ tokens, whitespace-separated words or UTF-8 bytes of the original text.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -24,7 +25,11 @@ METRIC_KEYS = (
 )
 
 
-def count_words(text: str) -> int:
+def count_words(text: str, convention: str = "sliding") -> int:
+    """Whitespace-separated words; lm-eval counts len(re.split(r"\\s+", text)), which also counts
+    the empty strings before leading and after trailing whitespace."""
+    if convention == "lm-eval":
+        return len(re.split(r"\s+", text))
     return len(text.split())
 
 

@@ -1,4 +1,4 @@
-"""Tokenized documents -> per-document results: windows, batched scoring, one row per document.
+"""Tokenized documents -> per-document rows: windows batched through the scorer, one row a document.
 
 Consecutive documents are scored in groups of about GROUP_BATCHES batches (their windows sorted by
 length and packed together), and each group's rows are handed on as soon as it is done. Groups
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.records import Document
-from ..engine.conventions import Windowing, count_words, first_token_replacement, windows
+from ..engine.conventions import Windowing, first_token_replacement, windows
 from ..engine.tokenizing import Tokenized
 from .kl_statistics import REFERENCE_SUMS, document_histograms
-from .metrics import count_bytes, unit_metrics
+from .metrics import count_bytes, count_words, unit_metrics
 from .run_directory import CONTEXTS_STEM, REFERENCE_STEM
 
 GROUP_BATCHES = 8  # a group of documents fills about this many batches before its rows are written
@@ -161,7 +161,7 @@ def document_result(index: int, doc: Document, scored: list[tuple], windowing: W
     """A document's metrics; word and byte counts always come from the original text."""
     sums = summed(scored)
     tokens = sum(w.end - w.score_from for w, _ in scored)
-    words = count_words(doc.text, windowing)
+    words = count_words(doc.text, windowing.convention)
     row = {"index": index, "id": doc.id, **unit_metrics(sums["nll_sum"], tokens, words, count_bytes(doc.text))}
     if windowing.convention == "hf-recipe":
         row.update(published_normalisation(scored))

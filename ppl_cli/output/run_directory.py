@@ -1,5 +1,6 @@
-"""Report writers: the output directory (append-only documents.jsonl, atomic whole files) and the
-short human summary."""
+"""The run directory: append-only documents.jsonl and the files beside it, atomic whole files, resume.
+
+Torchrun ranks' files are joined here too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import csv
 import heapq
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -278,35 +278,3 @@ def atomic_writer(path: Path) -> Iterator:
 def write_atomic(path: Path, text: str) -> None:
     with atomic_writer(path) as f:
         f.write(text)
-
-
-def format_summary(summary: dict) -> str:
-    """A few lines for a person; summary.json has everything."""
-    boot = summary.get("bootstrap") or {}
-
-    def ci(key):
-        interval = boot.get(key)
-        return f"  (95% CI {number(interval[0])} - {number(interval[1])})" if interval else ""
-
-    skipped = summary["skipped_documents"]
-    lines = [
-        f"{summary['model']['id']} on {summary['data']['source']}: {summary['documents']} documents"
-        + (f" ({skipped} empty skipped)" if skipped else "")
-        + f", {summary['tokens']:,} tokens scored",
-        f"token perplexity  {number(summary['token_perplexity'])}{ci('token_perplexity')}"
-        f"  macro mean {number(summary['macro_token_perplexity'])}",
-        f"word perplexity   {number(summary['word_perplexity'])}",
-        f"byte perplexity   {number(summary['byte_perplexity'])}",
-        f"bits per byte     {number(summary['bits_per_byte'])}{ci('bits_per_byte')}",
-        f"{summary['wall_time_s']:.1f} s in all, {summary['tokens_per_second'] or 0:,.0f} tokens/s scoring"
-        + (f"; reports in {summary['config']['output']}" if summary["config"]["output"] else ""),
-    ]
-    return "\n".join(lines)
-
-
-def number(value) -> str:
-    if value is None:
-        return "n/a"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"

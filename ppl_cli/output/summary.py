@@ -1,8 +1,9 @@
-"""summary.json: the corpus metrics from one pass over the document rows, and what the run was."""
+"""summary.json: the corpus metrics from one pass over the document rows, what the run was, and its short human form."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import platform
 import sys
 from collections.abc import Iterable
@@ -10,9 +11,9 @@ from importlib import metadata
 
 from ..config import Config
 from ..data.sources import Source
-from ..engine.conventions import Windowing, convention_summary
+from ..engine.conventions import Windowing
 from .kl_statistics import HISTOGRAMS, Histogram, reference_summary
-from .metrics import accumulate
+from .metrics import accumulate, perplexity
 
 
 def build_summary(
@@ -137,3 +138,54 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def convention_summary(totals: dict, convention: str) -> dict:
+    """The numbers a convention's own tool reports besides the perplexity, from corpus sums."""
+    if convention == "hf-recipe":
+        nll, tokens = totals["published_nll_sum"], totals["published_tokens"]
+        return {"hf_recipe_published": {"nll_sum": nll, "tokens": tokens, "token_perplexity": perplexity(nll, tokens)}}
+    if convention == "llama-cpp":
+        return {"llama_cpp_uncertainty": llama_cpp_uncertainty(totals["nll_sum"], totals["nll_sq_sum"], totals["tokens"])}
+    return {}
+
+
+def llama_cpp_uncertainty(nll_sum: float, nll_sq_sum: float, count: int) -> float | None:
+    """llama-perplexity's '+/-': ppl * sqrt(var(nll) / (count - 1)), var over the scored tokens."""
+    if count < 2:
+        return None
+    mean = nll_sum / count
+    variance = nll_sq_sum / count - mean * mean
+    return math.exp(mean) * math.sqrt(max(variance, 0.0) / (count - 1))
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for a person; summary.json has everything."""
+    boot = summary.get("bootstrap") or {}
+
+    def ci(key):
+        interval = boot.get(key)
+        return f"  (95% CI {number(interval[0])} - {number(interval[1])})" if interval else ""
+
+    skipped = summary["skipped_documents"]
+    lines = [
+        f"{summary['model']['id']} on {summary['data']['source']}: {summary['documents']} documents"
+        + (f" ({skipped} empty skipped)" if skipped else "")
+        + f", {summary['tokens']:,} tokens scored",
+        f"token perplexity  {number(summary['token_perplexity'])}{ci('token_perplexity')}"
+        f"  macro mean {number(summary['macro_token_perplexity'])}",
+        f"word perplexity   {number(summary['word_perplexity'])}",
+        f"byte perplexity   {number(summary['byte_perplexity'])}",
+        f"bits per byte     {number(summary['bits_per_byte'])}{ci('bits_per_byte')}",
+        f"{summary['wall_time_s']:.1f} s in all, {summary['tokens_per_second'] or 0:,.0f} tokens/s scoring"
+        + (f"; reports in {summary['config']['output']}" if summary["config"]["output"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def number(value) -> str:
+    if value is None:
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
