@@ -10,7 +10,6 @@ them (only the shown documents' tokens are read). Plots are matplotlib SVG inlin
 from __future__ import annotations
 
 import heapq
-import html
 import io
 import math
 from dataclasses import dataclass, field
@@ -222,92 +221,47 @@ def saved_tokens(folder: Path, indices: set[int], limit: int) -> dict[int, dict]
 
 
 SURPRISAL_STEPS = 12  # colour buckets: 0-1, 1-2, ..., 11+ nats
+TEMPLATE = "report.html"  # in templates/, beside this module
 
 
-def token_spans(tokens: dict) -> str:
-    """Each token as a span coloured by its surprisal, -ln p, with p, rank and entropy on hover."""
+def token_spans(tokens: dict) -> list[dict]:
+    """Each token's text, surprisal step (its colour) and tip: p, -ln p, rank and entropy on hover."""
     out = []
     for piece, logprob, rank, entropy in zip(tokens["token"], tokens["logprob"], tokens["rank"], tokens["entropy"]):
         surprisal = -logprob
         tip = f"p = {math.exp(logprob):.4f}, -ln p = {surprisal:.2f} nats, rank {rank}, entropy {entropy:.2f} nats"
-        out.append(f'<span class="tok s{surprisal_step(surprisal)}" title="{html.escape(tip)}">{html.escape(piece)}</span>')
-    return "".join(out)
+        out.append({"piece": piece, "step": surprisal_step(surprisal), "tip": tip})
+    return out
 
 
 def surprisal_step(nats: float) -> int:
     return min(max(int(nats), 0), SURPRISAL_STEPS - 1)
 
 
-def surprisal_styles() -> str:
-    """One red, more opaque the more surprising: nearly clear under 1 nat, strong from 11 nats."""
-    return "".join(f".s{k} {{ background: rgba(220, 50, 32, {0.03 + 0.72 * k / (SURPRISAL_STEPS - 1):.3f}); }}\n" for k in range(SURPRISAL_STEPS))
-
-
 # --- the page -----------------------------------------------------------------------------------
-
-STYLE = """
-body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1d1d1f;
-       margin: 0 auto; max-width: 1100px; padding: 24px 32px 64px; background: #fff; }
-h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 20px; margin: 36px 0 10px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-h3 { font-size: 16px; margin: 22px 0 6px; }
-.sub { color: #666; margin: 0 0 18px; }
-table { border-collapse: collapse; margin: 8px 0 16px; font-variant-numeric: tabular-nums; }
-th, td { padding: 4px 12px 4px 0; text-align: left; vertical-align: top; border-bottom: 1px solid #eee; }
-th { font-weight: 600; color: #444; }
-td.num { text-align: right; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr)); gap: 12px 28px; }
-figure { margin: 0; max-width: 620px; } figcaption { color: #555; font-size: 13px; margin-top: 2px; }
-figure svg { width: 100%; height: auto; }
-.doc { border: 1px solid #e3e3e3; border-radius: 6px; padding: 10px 14px; margin: 10px 0 18px; }
-.doc .text { white-space: pre-wrap; font: 13px/1.7 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-             max-height: 420px; overflow-y: auto; margin-top: 8px; }
-.tok { border-radius: 2px; } .tok:hover { outline: 1px solid #333; }
-.legend span { display: inline-block; width: 26px; height: 12px; vertical-align: middle; }
-.note { color: #666; font-size: 13px; } .warn { color: #a33; }
-code { background: #f4f4f4; padding: 1px 4px; border-radius: 3px; font-size: 13px; }
-"""
-
-CHECK = """
-<script>
-// A self-check a headless browser can read back: plots drawn, coloured tokens shown, no script errors.
-const plots = [...document.querySelectorAll("figure.plot svg")].filter(s => s.getBoundingClientRect().width > 100);
-document.body.dataset.check = JSON.stringify({plots: plots.length, tokens: document.querySelectorAll("span.tok").length,
-  errors: window.pageErrors || []});
-</script>
-"""
 
 
 def render(runs, scans, svgs, comparison, refusal, shown, config) -> str:
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>ppl-eval report: {html.escape(', '.join(short_name(r) for r in runs))}</title>",
-        f"<style>{STYLE}{surprisal_styles()}</style><script>window.pageErrors = []; window.onerror = (m) => window.pageErrors.push(String(m));</script>",
-        "</head><body>",
-        "<h1>ppl-eval report</h1>",
-        f"<p class='sub'>{len(runs)} run{'s' * (len(runs) > 1)}: {html.escape(', '.join(str(r.path) for r in runs))}</p>",
-        "<h2>Summary</h2>",
-        summary_table(runs),
-        "<h2>Where the perplexity comes from</h2><div class='grid'>",
-        plot(svgs, "perplexity_histogram", "How many documents have each token perplexity (log scale)."),
-        plot(svgs, "context_curve", "Mean NLL of the scored tokens by the context they had: how much the context helps."),
-        "</div>",
+    """The page from templates/report.html; numbers are formatted here, markup is the template's."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ppl_cli.commands", "templates"), autoescape=True, keep_trailing_newline=True)
+    env.filters.update(number=fmt, basename=lambda path: Path(path).name)
+    documents = [
+        {**d, "spans": token_spans(d["tokens"]), "more": d["tokens"]["total"] - len(d["tokens"]["token"])} if d["tokens"] else d
+        for d in shown
     ]
-    if len(runs) > 1:
-        parts.append("<h2>Paired comparison</h2>")
-        if comparison:
-            parts.append(comparison_table(comparison))
-            parts.append("<div class='grid'>" + plot(svgs, "nll_scatter", "NLL per token of each document: below the line, the other run predicts it better.") + "</div>")
-        else:
-            parts.append(f"<p class='warn'>Not compared: {html.escape(refusal or '')}</p>")
-    parts.append(documents_section(runs[0], shown, config))
-    parts.append(provenance(runs))
-    parts.append(CHECK + "</body></html>")
-    return "\n".join(parts)
-
-
-def plot(svgs: dict, name: str, caption: str) -> str:
-    return f"<figure class='plot' id='{name}'>{svgs[name]}<figcaption>{html.escape(caption)}</figcaption></figure>"
+    return env.get_template(TEMPLATE).render(
+        runs=[{"name": short_name(r), "path": str(r.path), "summary": r.summary} for r in runs],
+        summary_rows=summary_rows(runs),
+        svgs=svgs,
+        comparison=comparison,
+        refusal=refusal or "",
+        metrics=("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"),
+        shown=documents,
+        config=config,
+        steps=SURPRISAL_STEPS,
+    )
 
 
 def fmt(value, digits=4) -> str:
@@ -325,14 +279,14 @@ def interval(summary: dict, key: str) -> str:
     return f"{fmt(ci[0])} – {fmt(ci[1])}" if ci else ""
 
 
-def summary_table(runs: list[Run]) -> str:
-    header = "".join(f"<th>{html.escape(short_name(r))}</th>" for r in runs)
+def summary_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
+    """The summary table: a label and each run's value, formatted."""
     lines = [
         ("model", lambda s: f"{s['model']['id']} ({s['model']['dtype']}, {s['model']['device']})"),
         ("token perplexity", lambda s: fmt(s["token_perplexity"])),
         ("95% interval", lambda s: interval(s, "token_perplexity")),
         ("bits per byte", lambda s: fmt(s["bits_per_byte"])),
-        ("95% interval ", lambda s: interval(s, "bits_per_byte")),
+        ("95% interval", lambda s: interval(s, "bits_per_byte")),
         ("word perplexity", lambda s: fmt(s["word_perplexity"])),
         ("byte perplexity", lambda s: fmt(s["byte_perplexity"])),
         ("macro token perplexity", lambda s: fmt(s["macro_token_perplexity"])),
@@ -347,75 +301,9 @@ def summary_table(runs: list[Run]) -> str:
             ("same top token", lambda s: ref(s, "same_top_p")),
             ("PPL(Q) / PPL(ref)", lambda s: ref(s, "ppl_ratio")),
         ]
-    body = "".join(
-        f"<tr><th>{html.escape(name.strip())}</th>" + "".join(f"<td>{html.escape(str(get(r.summary)))}</td>" for r in runs) + "</tr>"
-        for name, get in lines
-    )
-    return f"<table><tr><th></th>{header}</tr>{body}</table>"
+    return [(name, [str(get(r.summary)) for r in runs]) for name, get in lines]
 
 
 def ref(summary: dict, key: str) -> str:
     stat = summary.get("reference", {}).get(key)
     return f"{fmt(stat['value'])} ± {fmt(stat['uncertainty'])}" if stat else ""
-
-
-def comparison_table(comparison: dict) -> str:
-    rows = []
-    for entry in comparison["runs"]:
-        for metric in ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"):
-            m = entry[metric]
-            ci = f"{m['ci'][0]:+.4f} – {m['ci'][1]:+.4f}" if m["ci"] else "n/a"
-            p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
-            rows.append(
-                f"<tr><td>{html.escape(Path(entry['run']).name)}</td><td>{metric.replace('_', ' ')}</td><td class='num'>{fmt(m['a'])}</td>"
-                f"<td class='num'>{fmt(m['b'])}</td><td class='num'>{m['delta']:+.4f}</td><td>{ci}</td><td class='num'>{p}</td></tr>"
-            )
-        docs = entry["documents"]
-        rows.append(f"<tr><td colspan='7' class='note'>better on {docs['better']:,} of {docs['compared']:,} documents ({docs['better_share']:.0%}), worse on {docs['worse']:,}</td></tr>")
-    head = "<tr><th>run</th><th>metric</th><th>baseline</th><th>run</th><th>difference</th><th>95% paired interval</th><th>p</th></tr>"
-    note = f"<p class='note'>Paired Poisson bootstrap, {comparison['bootstrap']['samples']:,} resamples, seed {comparison['bootstrap']['seed']} (as <code>ppl-eval compare</code>).</p>"
-    return f"<table>{head}{''.join(rows)}</table>{note}"
-
-
-def documents_section(run: Run, shown: list[dict], config) -> str:
-    if not shown:
-        return ""
-    parts = [f"<h2>The most and least surprising documents of {html.escape(short_name(run))}</h2>"]
-    parts.append(
-        f"<p class='note'>The {config.documents} documents with the highest and the {config.documents} with the lowest token perplexity, "
-        f"of {run.summary['documents']:,}; at most the first {config.tokens:,} tokens of each.</p>"
-    )
-    if any(d["tokens"] for d in shown):
-        stops = "".join(f"<span class='s{k}'></span>" for k in range(SURPRISAL_STEPS))
-        parts.append(f"<p class='legend note'>surprisal, -ln p: 0 {stops} {SURPRISAL_STEPS - 1}+ nats; hover a token for its probability, rank and entropy</p>")
-    else:
-        parts.append("<p class='note'>Token text is shown for runs made with <code>--save-tokens</code>.</p>")
-    for d in shown:
-        row = d["row"]
-        head = (
-            f"<h3>{d['kind']}: {html.escape(str(row['id']))} <span class='note'>(document {row['index']:,}: "
-            f"token perplexity {fmt(row['token_perplexity'])}, {row['tokens']:,} tokens)</span></h3>"
-        )
-        text = ""
-        if d["tokens"]:
-            more = d["tokens"]["total"] - len(d["tokens"]["token"])
-            tail = f"<p class='note'>{more:,} more tokens not shown.</p>" if more > 0 else ""
-            text = f"<div class='text'>{token_spans(d['tokens'])}</div>{tail}"
-        parts.append(f"<div class='doc'>{head}{text}</div>")
-    return "\n".join(parts)
-
-
-def provenance(runs: list[Run]) -> str:
-    rows = []
-    for run in runs:
-        s = run.summary
-        windowing = ", ".join(f"{k} {v}" for k, v in s["windowing"].items())
-        versions = ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items() if v)
-        data = s["data"]
-        rows.append(
-            f"<tr><td>{html.escape(short_name(run))}</td><td>{html.escape(str(s['model'].get('id')))}, {s['model'].get('parameters', 0):,} parameters,"
-            f" {html.escape(str(s['model'].get('architecture')))}</td><td>{html.escape(str(data.get('source')))}, {data.get('documents', 0):,} documents,"
-            f" <code>{html.escape(str(data.get('fingerprint', ''))[:27])}…</code></td><td>{html.escape(windowing)}</td><td>{html.escape(versions)}</td></tr>"
-        )
-    head = "<tr><th>run</th><th>model</th><th>data</th><th>windowing</th><th>versions</th></tr>"
-    return f"<h2>Provenance</h2><table>{head}{''.join(rows)}</table><p class='note'>Made by ppl-eval report from summary.json and documents.jsonl.</p>"
