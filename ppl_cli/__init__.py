@@ -3,10 +3,32 @@
     from ppl_cli import Config, evaluate
     result = evaluate(Config(model="gpt2", data="wikitext"))
     print(result.summary["token_perplexity"])
+
+The commands over finished runs are functions here too, each with its own frozen config:
+compare_runs(CompareConfig(...)), build_report(ReportConfig(...)), select_records(SelectConfig(...)),
+merge_runs(dirs, output).
 """
 
+from .commands.compare import CompareConfig, compare_runs
+from .commands.merge import merge_runs
+from .commands.report import ReportConfig, build_report
+from .commands.select import SelectConfig, select_records
 from .config import Config, build_config
 from .errors import PplError
-from .pipeline import Result, evaluate
+from .output.run_directory import Result
+from .pipeline import evaluate
 
-__all__ = ["Config", "PplError", "Result", "build_config", "evaluate"]
+__all__ = [
+    "CompareConfig",
+    "Config",
+    "PplError",
+    "ReportConfig",
+    "Result",
+    "SelectConfig",
+    "build_config",
+    "build_report",
+    "compare_runs",
+    "evaluate",
+    "merge_runs",
+    "select_records",
+]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.sharding import parse_shard
 from .errors import PplError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -168,3 +168,14 @@ def build_config(config_file: str | None = None, cls=Config, **overrides):
     values = load_yaml(config_file, cls) if config_file else {}
     values.update(overrides)
     return cls(**values)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise PplError(f"--shard must look like I/N (for example 0/8), not {text!r}")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or index >= count:
+        raise PplError(f"--shard {text}: need 0 <= I < N")
+    return index, count

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +19,10 @@ from .data.sharding import share
 from .data.sources import resolve_sources
 from .engine.conventions import JOINED_CONVENTIONS, resolve_windowing
 from .errors import PplError
-from .output.run_directory import RunDirectory, read_rows
+from .output.run_directory import Result, RunDirectory
 from .output.summary import build_summary, data_description, run_identity
 from .output.token_export import keep_only_done
 from .runtime.signals import Interrupted, stop_signals
-
-
-@dataclass
-class Result:
-    """summary.json as a dict, and the per-document rows, read back from documents.jsonl on demand."""
-
-    summary: dict
-    documents_file: Path | None
-    spool: Any = None  # the temporary directory holding documents.jsonl when there is no -o
-
-    def iter_documents(self) -> Iterator[dict]:
-        """The rows of documents.jsonl in input order, one at a time."""
-        if self.documents_file is None or not self.documents_file.exists():
-            raise PplError("the per-document rows are not available in this process (use -o DIR)")
-        return read_rows(self.documents_file)
-
-    @property
-    def documents(self) -> list[dict]:
-        """Every row as a list (read from documents.jsonl each time; iter_documents() streams)."""
-        return list(self.iter_documents())
 
 
 def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ppl_cli.cli import cli
-from ppl_cli.data.sharding import parse_shard, share
+from ppl_cli.config import parse_shard
+from ppl_cli.data.sharding import share
 
 REL = 1e-6
 SPLIT_INDEPENDENT = {"wall_time_s", "scoring_time_s", "tokens_per_second", "config", "data", "ranks", "model"}

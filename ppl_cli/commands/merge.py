@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, parse_shard
 from ..data.documents import add_fingerprints
-from ..data.sharding import parse_shard
 from ..engine.conventions import Windowing
 from ..errors import EXIT_DATA, PplError
-from ..output.run_directory import DOCUMENTS_FILE, ROW_STEMS, RUN_FILE, SUMMARY_FILE, RunDirectory, ascending_runs, differing_key, merged_rows
+from ..output.run_directory import DOCUMENTS_FILE, ROW_STEMS, RUN_FILE, SUMMARY_FILE, Result, RunDirectory, ascending_runs, differing_key, merged_rows
 from ..output.summary import build_summary
 from ..output.token_export import copy_parts
-from ..pipeline import Result
 
 
 def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwrite: bool = False) -> Result:

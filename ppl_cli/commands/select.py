@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import BANDS, Config, as_tuple, check_types
+from ..config import BANDS, Config, as_tuple, check_types, parse_shard
 from ..config import SELECT_FORMATS as FORMATS
 from ..config import SELECT_METRICS as METRICS
 from ..data.documents import DocumentStream, digest, fingerprint, whole_record
-from ..data.sharding import parse_shard
 from ..data.sources import resolve_sources
 from ..errors import EXIT_DATA, EXIT_OUTPUT, PplError
 from ..output.run_directory import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, read_rows, write_atomic

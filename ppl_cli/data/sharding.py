@@ -7,21 +7,9 @@ shard d mod N, and within a shard its documents are dealt round-robin to the ran
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
-from ..errors import PplError
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match:
-        raise PplError(f"--shard must look like I/N (for example 0/8), not {text!r}")
-    index, count = int(match[1]), int(match[2])
-    if count < 1 or index >= count:
-        raise PplError(f"--shard {text}: need 0 <= I < N")
-    return index, count
+from ..config import parse_shard
 
 
 def share(shard: str | None, rank: int = 0, world: int = 1, joined: bool = False) -> Callable[[int], bool]:

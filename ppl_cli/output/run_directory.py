@@ -11,7 +11,9 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import EXIT_OUTPUT, PplError
 from .metrics import METRIC_KEYS
@@ -28,6 +30,26 @@ OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
 UMASK = os.umask(0)
 os.umask(UMASK)
 DOCUMENT_COLUMNS = ("index", "id", *METRIC_KEYS)
+
+
+@dataclass
+class Result:
+    """summary.json as a dict, and the per-document rows, read back from documents.jsonl on demand."""
+
+    summary: dict
+    documents_file: Path | None
+    spool: Any = None  # the temporary directory holding documents.jsonl when there is no -o
+
+    def iter_documents(self) -> Iterator[dict]:
+        """The rows of documents.jsonl in input order, one at a time."""
+        if self.documents_file is None or not self.documents_file.exists():
+            raise PplError("the per-document rows are not available in this process (use -o DIR)")
+        return read_rows(self.documents_file)
+
+    @property
+    def documents(self) -> list[dict]:
+        """Every row as a list (read from documents.jsonl each time; iter_documents() streams)."""
+        return list(self.iter_documents())
 
 
 class RunDirectory:
