@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from .config import BANDS, CONVENTIONS, DETOKENIZERS, DOC_SPLITS, DTYPES, ENCODING_ERRORS, SELECT_FORMATS, SELECT_METRICS, build_config
-from .errors import PplError, PplWarning
+from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,10 +57,11 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace the results already in --output instead of resuming.")
 @click.option("--save-tokens", is_flag=True, help="Write every scored token (log p, entropy, rank) to --output/tokens/*.parquet.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout and nothing else.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or loading messages on stderr.")
+@click.option("--jsonl", "as_jsonl", is_flag=True, help="Print each document's row to stdout as it is final, in input order; the summary goes to stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or loading messages on stderr (with --jsonl, no summary either).")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.pass_context
-def run(ctx, config_file, as_json, quiet, debug, **options):
+def run(ctx, config_file, as_json, as_jsonl, quiet, debug, **options):
     """Score documents with a causal LM and report perplexity.
 
     \b
@@ -68,18 +69,37 @@ def run(ctx, config_file, as_json, quiet, debug, **options):
       ppl-eval run                                   # offline demo
       ppl-eval run --model gpt2 --data wikitext -o results/gpt2-wt2
       cat notes/*.txt | ppl-eval run --data - --json
+      ppl-eval run --data corpus.jsonl --jsonl | jq -c 'select(.token_perplexity > 100)'
     """
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    main_rank = os.environ.get("RANK", "0") == "0"
 
     def work():
+        if as_json and as_jsonl:
+            raise PplError("--json and --jsonl would both write to stdout; choose one")
         config = build_config(config_file, **given)
         if quiet:
             silence_libraries()
         from .pipeline import evaluate
 
-        return evaluate(config, progress=not quiet)
+        return evaluate(config, progress=not quiet, on_rows=print_rows if as_jsonl and main_rank else None)
 
-    print_summary(guarded(work, debug), as_json, main_rank=os.environ.get("RANK", "0") == "0")
+    result = guarded(work, debug)
+    if as_jsonl:
+        if not quiet and main_rank:
+            from .output.summary import format_summary
+
+            click.echo(format_summary(result.summary), err=True)
+        return
+    print_summary(result, as_json, main_rank)
+
+
+def print_rows(rows: list[dict]) -> None:
+    """--jsonl: rows to stdout, one JSON object a line, flushed so that a pipe sees them at once."""
+    out = sys.stdout
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out.flush()
 
 
 @cli.command()
@@ -221,6 +241,9 @@ def guarded(work, debug: bool):
         return work()
     except PplError as e:
         fail(str(e), e.exit_code, debug)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): end quietly, as `yes | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe at exit
+        sys.exit(EXIT_BROKEN_PIPE)
     except KeyboardInterrupt:
         fail("interrupted", 130, debug)
     except Exception as e:  # a bug or an unexpected library error: still one line, unless --debug

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,48 +19,58 @@ from .data.documents import DocumentStream, add_fingerprints, fingerprint
 from .data.sharding import share
 from .data.sources import resolve_sources
 from .engine.conventions import JOINED_CONVENTIONS, resolve_windowing
-from .errors import PplError
-from .output.run_directory import Result, RunDirectory
+from .errors import EXIT_DATA, PplError
+from .output.run_directory import Result, RunDirectory, WriteError
 from .output.summary import build_summary, data_description, run_identity
 from .output.token_export import keep_only_done
 from .runtime.signals import Interrupted, stop_signals
 
 
-def evaluate(config: Config, progress: bool = False, stdin=None) -> Result:
+def evaluate(config: Config, progress: bool = False, stdin=None, on_rows: Callable[[list[dict]], None] | None = None) -> Result:
     """Score every document of config.data with config.model; write reports if config.output is set.
 
-    Under torchrun each rank scores its share and rank 0 writes the reports; every rank returns
-    the same summary.
+    `on_rows` gets every document's row, in input order, as soon as it is final (`--jsonl`). Under
+    torchrun each rank scores its share and rank 0 writes the reports (and hands the rows to
+    `on_rows` as it joins the ranks' files, at the end); every rank returns the same summary.
     """
     from .runtime import distributed
 
     ranks = distributed.start()
     finished = False
     try:
-        result = evaluate_ranks(config, ranks, progress, stdin)
+        result = evaluate_ranks(config, ranks, progress, stdin, on_rows)
         finished = True
         return result
     finally:
         distributed.stop(ranks, finished)
 
 
-def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
+def evaluate_ranks(config: Config, ranks, progress: bool, stdin, on_rows) -> Result:
+    started = time.perf_counter()
+    if ranks.world > 1 and "-" in config.data:
+        raise PplError("--data - (standard input) cannot be shared between torchrun ranks; use a file")
+    sources = resolve_sources(config)
+    stream = DocumentStream(sources, config, share(config.shard, ranks.rank, ranks.world, joined_convention(config)), stdin)
+    stream.check()
+    run_dir, spool = open_run_directory(config, ranks)
+    try:
+        return score_into(run_dir, spool, config, ranks, sources, stream, progress, on_rows, started)
+    except WriteError as e:
+        raise PplError(resumable(e, run_dir), e.exit_code) from None
+    finally:
+        run_dir.close()
+
+
+def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, stream, progress: bool, on_rows, started: float) -> Result:
+    """Load the model, score this process's documents into run_dir, and (rank 0) write the summary."""
     import torch
 
     from .engine.loading import load_model, load_reference
     from .engine.scorer import Scorer
     from .engine.tokenizing import background, batch_encoder, joined_document, token_ids, tokenize_documents
-    from .output.rows import score_stream
+    from .output.rows import RowSink, score_stream
     from .runtime.progress import Progress
 
-    started = time.perf_counter()
-    if ranks.world > 1 and "-" in config.data:
-        raise PplError("--data - (standard input) cannot be shared between torchrun ranks; use a file")
-    sources = resolve_sources(config)
-    joined = config.convention in JOINED_CONVENTIONS
-    stream = DocumentStream(sources, config, share(config.shard, ranks.rank, ranks.world, joined), stdin)
-    stream.check()
-    run_dir, spool = open_run_directory(config, ranks)
     if config.threads:
         torch.set_num_threads(config.threads)
     lm = load_model(config, ranks.local_rank)
@@ -73,13 +84,14 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     scorer = Scorer(lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config))
     write_tokens = token_writer(run_dir.path, lm.tokenizer) if config.save_tokens else None
     encode = batch_encoder(lm.tokenizer)
-    stage = joined_document if joined else tokenize_documents
+    stage = joined_document if joined_convention(config) else tokenize_documents
+    sink = RowSink(run_dir.append, on_rows if ranks.world == 1 else None)
     bar = Progress(stream, config.limit, progress and ranks.main)
     scoring_started = time.perf_counter()
     try:
         with stop_signals() as stop, background(stage(stream, encode, windowing, run_dir.done_rows())) as items:
             retokenize = lambda item: item._replace(ids=token_ids(encode, [item.document.text], windowing)[0])  # noqa: E731
-            tally = score_stream(scorer, items, windowing, run_dir.append, bar, stop, retokenize, write_tokens)
+            tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, write_tokens)
     except Interrupted as e:
         raise stopped(e.signum, bar.documents, run_dir) from None
     finally:
@@ -87,12 +99,13 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
     scoring_time = time.perf_counter() - scoring_started
 
     parts = ranks.gather((tally, stream.digest, stream.count))
-    summary = None
+    summary, failure = None, None
     if ranks.main:
         missing = [r for r, (t, _, _) in enumerate(parts) if t.scored and ranks.world > 1 and not run_dir.rank_file(r).exists()]
         if missing:
             raise PplError(f"{run_dir.rank_file(missing[0])} is missing: is {run_dir.path} on a filesystem every node shares?")
         data_info = data_description(sources, config, max(n for _, _, n in parts), add_fingerprints(fingerprint(d) for _, d, _ in parts))
+        skipped = sum(t.skipped for t, _, _ in parts)
 
         def summarize(rows, reference=(), contexts=()):
             timings = {
@@ -100,13 +113,57 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin) -> Result:
                 "scoring_time_s": scoring_time,
                 "scored_now": sum(t.tokens for t, _, _ in parts),
             }
-            skipped = sum(t.skipped for t, _, _ in parts)
+            if on_rows is not None and ranks.world > 1:
+                rows = handed_on(rows, on_rows)
             summary = build_summary(config, rows, skipped, lm.info, data_info, windowing, timings, ref and ref.info, reference, contexts)
+            check_something_scored(summary, config)
             return {**summary, "ranks": ranks.world}
 
-        summary = run_dir.finish(summarize)
-    summary = ranks.broadcast(summary)
+        try:
+            summary = run_dir.finish(summarize)
+        except PplError as e:  # every rank raises it, not rank 0 alone while the others wait
+            failure = (resumable(e, run_dir), e.exit_code)
+    summary, failure = ranks.broadcast((summary, failure))
+    if failure:
+        raise PplError(*failure)
     return Result(summary, run_dir.documents, spool)
+
+
+def resumable(error: PplError, run_dir: RunDirectory) -> str:
+    """A write error's message, with what is kept and how to go on."""
+    if not isinstance(error, WriteError) or run_dir.spool:
+        return str(error)
+    return f"{error}; the documents finished so far are kept in {run_dir.path}: make room and run the same command to resume"
+
+
+def joined_convention(config: Config) -> bool:
+    return config.convention in JOINED_CONVENTIONS
+
+
+def handed_on(rows: Iterable[dict], on_rows: Callable[[list[dict]], None], batch: int = 256) -> Iterator[dict]:
+    """Pass rows through, handing them to on_rows a batch at a time (torchrun: as rank 0 joins the ranks' files)."""
+    pending = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) == batch:
+            on_rows(pending)
+            pending = []
+        yield row
+    if pending:
+        on_rows(pending)
+
+
+def check_something_scored(summary: dict, config: Config) -> None:
+    """A whole run with nothing to score is an error, as an empty file is; one shard of a corpus may
+    get only empty documents and still be merged."""
+    if summary["documents"] or config.shard:
+        return
+    skipped = summary["skipped_documents"]
+    raise PplError(
+        f"nothing to score in {', '.join(config.data)}: its {skipped:,} document{'s' * (skipped != 1)} are all empty or whitespace only"
+        " (or a single token without BOS)",
+        EXIT_DATA,
+    )
 
 
 def kept_token_values(config: Config) -> tuple[str, ...]:
@@ -131,7 +188,17 @@ def token_writer(folder: Path, tokenizer):
 def open_run_directory(config: Config, ranks) -> tuple[RunDirectory, Any]:
     """The output directory, or without -o a temporary one for the rows (shared by the ranks of one node)."""
     if config.output:
-        return RunDirectory(config.output, config.overwrite, ranks.rank, ranks.world), None
+        run_dir, status = None, None
+        try:  # rank 0 locks and prepares it; the others learn whether it could
+            run_dir = RunDirectory(config.output, config.overwrite, ranks.rank, ranks.world)
+        except PplError as e:
+            status = (str(e), e.exit_code)
+        status = ranks.broadcast(status)
+        if status:
+            if run_dir is not None:
+                run_dir.close()
+            raise PplError(*status)
+        return run_dir, None
     if ranks.world > 1 and os.environ.get("LOCAL_WORLD_SIZE", str(ranks.world)) != str(ranks.world):
         raise PplError("torchrun over several nodes needs -o DIR on a filesystem every node shares")
     spool = tempfile.TemporaryDirectory(prefix="ppl-eval-") if ranks.main else None

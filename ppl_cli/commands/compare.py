@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.conventions import Windowing
 from ..errors import EXIT_DATA, PplError
 from ..output.metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
 from ..output.run_directory import DOCUMENTS_FILE, SUMMARY_FILE, read_rows
@@ -24,7 +25,7 @@ from ..output.run_directory import DOCUMENTS_FILE, SUMMARY_FILE, read_rows
 METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
 UNITS = ("tokens", "words", "bytes")  # the denominators, in the column order of the sums below
 METRIC_UNIT = {"token_perplexity": 0, "bits_per_byte": 2, "word_perplexity": 1, "byte_perplexity": 2}
-SAME_RUN_KEYS = ("convention", "window", "stride", "add_bos", "detokenize")
+SAME_RUN_KEYS = ("convention", "window", "step", "add_bos", "detokenize")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,12 @@ def check_comparable(runs: list[Run], allow_different_data: bool) -> bool:
 
 
 def windowing_value(run: Run, key: str):
-    return run.summary["windowing"].get(key, "none" if key == "detokenize" else None)
+    """A windowing setting of a run; `step` is compared rather than `stride` (two strides can make the
+    same windows), taken as Windowing computes it where a summary does not record it."""
+    described = run.summary["windowing"]
+    if key == "step" and key not in described:
+        return Windowing.from_description(described).step
+    return described.get(key, "none" if key == "detokenize" else None)
 
 
 def joined_rows(runs: list[Run], by_id: bool) -> Iterator[list[dict]]:

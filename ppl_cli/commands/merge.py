@@ -56,8 +56,6 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
         "scored_now": sum(s["tokens"] for s in summaries),
     }
     skipped = sum(s["skipped_documents"] for s in summaries)
-    run_dir = RunDirectory(output, overwrite)
-    run_dir.begin({**first["identity"], "shard": None})
     given = {}
     for stem in ROW_STEMS:
         files = [shard["dir"] / f"{stem}.jsonl" for shard in shards if (shard["dir"] / f"{stem}.jsonl").exists()]
@@ -67,10 +65,15 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
 
     def summarize(rows, reference=(), contexts=()):
         model = first["summary"]["model"]
-        return build_summary(config, rows, skipped, model, data_info, windowing, timings, reference_info, reference, contexts)
+        summary = build_summary(config, rows, skipped, model, data_info, windowing, timings, reference_info, reference, contexts)
+        if summary["documents"] == 0 and not missing:
+            raise PplError(f"nothing to score: the {skipped:,} documents of every shard are all empty or whitespace only", EXIT_DATA)
+        return summary
 
-    copy_parts([shard["dir"] for shard in shards], run_dir.path)
-    summary = run_dir.finish(summarize, given)
+    with RunDirectory(output, overwrite) as run_dir:
+        run_dir.begin({**first["identity"], "shard": None})
+        copy_parts([shard["dir"] for shard in shards], run_dir.path)
+        summary = run_dir.finish(summarize, given)
     return Result(summary, run_dir.documents)
 
 

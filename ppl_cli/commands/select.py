@@ -8,6 +8,7 @@ and renamed at the end, after the source has proved to be the data the run score
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,8 @@ from ..config import SELECT_METRICS as METRICS
 from ..data.documents import DocumentStream, digest, fingerprint, whole_record
 from ..data.sources import resolve_sources
 from ..errors import EXIT_DATA, EXIT_OUTPUT, PplError
-from ..output.run_directory import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, read_rows, write_atomic
+from ..output.locking import LOCK_NAME, OutputLock
+from ..output.run_directory import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, read_rows, write_atomic, writing
 
 PREFIX = "ppl_eval"  # each written record gains {"ppl_eval": {"index": ..., "token_perplexity": ..., ...}}
 SCORE_FIELDS = ("index", "id", "token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "nll_sum", "tokens")
@@ -104,14 +106,18 @@ def select_records(config: SelectConfig) -> dict:
     scores = Scores.read(run, config)
     chosen, cuts = decide(scores, config)
     outputs = planned_outputs(config)
-    if outputs:
-        source_config = Config(data=config.data or tuple(identity["data"]), **identity["data_options"])
-        written = write_records(source_config, run, scores, chosen, outputs, config, covered(identity, summary), summary)
-    else:  # only the decision: the source need not be read (or be there)
-        written = {"read": None, "written": [], "skipped": summary["skipped_documents"] if summary else None, "not_scored": None}
-    selection = describe(config, scores, chosen, cuts, written, summary, partial)
-    if outputs.get("summary_path"):
-        write_atomic(outputs["summary_path"], json.dumps(selection, indent=2, ensure_ascii=False) + "\n")
+    try:
+        if outputs:
+            source_config = Config(data=config.data or tuple(identity["data"]), **identity["data_options"])
+            written = write_records(source_config, run, scores, chosen, outputs, config, covered(identity, summary), summary)
+        else:  # only the decision: the source need not be read (or be there)
+            written = {"read": None, "written": [], "skipped": summary["skipped_documents"] if summary else None, "not_scored": None}
+        selection = describe(config, scores, chosen, cuts, written, summary, partial)
+        if outputs.get("summary_path"):
+            write_atomic(outputs["summary_path"], json.dumps(selection, indent=2, ensure_ascii=False) + "\n")
+    finally:
+        if outputs.get("lock"):
+            outputs["lock"].release()
     return selection
 
 
@@ -233,14 +239,21 @@ def planned_outputs(config: SelectConfig) -> dict:
         fmt = output_format(config.output)
         files = [target]
         summary_path = target.with_name(target.name + ".selection.json")
+    folder = target if config.buckets is not None else target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PplError(f"cannot create {folder}: {e.strerror}", EXIT_OUTPUT) from None
+    if config.buckets is not None:
+        lock = OutputLock(folder / LOCK_NAME, str(folder))
+    else:
+        lock = OutputLock(folder / f".{target.name}.lock", str(target), remove=True)
+    lock.acquire()
     existing = [p for p in [*files, summary_path] if p.exists()]
     if existing and not config.overwrite:
+        lock.release()
         raise PplError(f"{existing[0]} exists; use --overwrite to replace it", EXIT_OUTPUT)
-    try:
-        target.mkdir(parents=True, exist_ok=True) if config.buckets is not None else target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PplError(f"cannot create {target}: {e.strerror}", EXIT_OUTPUT) from None
-    return {"files": files, "format": fmt, "summary_path": summary_path}
+    return {"files": files, "format": fmt, "summary_path": summary_path, "lock": lock}
 
 
 def write_records(source_config, run, scores, chosen, outputs, config, fingerprint_covers, summary) -> dict:
@@ -301,7 +314,8 @@ class RecordWriter:
         if fmt == ".parquet":
             self.file = None
             return
-        raw = open(self.tmp, "wb")
+        with writing(path):
+            raw = open(self.tmp, "wb")
         if fmt == ".jsonl.gz":
             import gzip
 
@@ -317,12 +331,16 @@ class RecordWriter:
         self.file = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
 
     def write(self, record: dict) -> None:
-        if self.fmt != ".parquet":
+        if self.tmp is None:  # stdout: a reader that goes away ends select as it ends run
             self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
             return
-        self.rows.append(record)
-        if len(self.rows) == PARQUET_BATCH:
-            self.flush_parquet()
+        with writing(self.path):
+            if self.fmt != ".parquet":
+                self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                return
+            self.rows.append(record)
+            if len(self.rows) == PARQUET_BATCH:
+                self.flush_parquet()
 
     def flush_parquet(self) -> None:
         import pyarrow as pa
@@ -343,6 +361,12 @@ class RecordWriter:
         if self.tmp is None:
             self.file.flush()
             return
+        with writing(self.path):
+            self.finish_file()
+        self.tmp = None
+
+    def finish_file(self) -> None:
+        """Write what is left, close the temp file and rename it over the output."""
         if self.fmt == ".parquet":
             if self.rows or self.parquet is None:
                 if self.parquet is None and not self.rows:
@@ -357,15 +381,15 @@ class RecordWriter:
         else:
             self.file.close()
         os.replace(self.tmp, self.path)
-        self.tmp = None
 
     def abort(self) -> None:
         """Remove the temp file of an output that was not committed."""
         if self.tmp is not None:
-            if self.file is not None:
-                self.file.close()
-            if self.parquet is not None:
-                self.parquet.close()
+            with contextlib.suppress(OSError):  # after a failed write, closing cannot flush either
+                if self.file is not None:
+                    self.file.close()
+                if self.parquet is not None:
+                    self.parquet.close()
             Path(self.tmp).unlink(missing_ok=True)
             self.tmp = None
 

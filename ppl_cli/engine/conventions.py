@@ -7,9 +7,10 @@ which text) and which windows score them; the engine and the metrics are shared.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
-from ..errors import PplError
+from ..errors import PplError, PplWarning
 from .windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows, sliding_windows
 
 JOIN = "\n\n"  # the HF guide joins its test split with blank lines; llama-cpp gets the same text
@@ -37,8 +38,17 @@ class Windowing:
             d["convention"], d["window"], d["stride"], d["add_bos"], None, d.get("prefix_token_id"), d.get("detokenize", "none")
         )
 
+    @property
+    def step(self) -> int:
+        """Tokens between the starts of consecutive windows, as the windows are made (`stride` is what was asked)."""
+        if self.convention == "sliding":
+            return min(self.stride, self.window - 1)  # sliding_windows' rule: no token is ever skipped
+        if self.convention == "hf-recipe":
+            return self.stride  # as published, even where it skips tokens
+        return self.window  # lm-eval and llama-cpp: disjoint windows; the stride does not apply
+
     def describe(self) -> dict:
-        out = {"convention": self.convention, "window": self.window, "stride": self.stride, "add_bos": self.add_bos}
+        out = {"convention": self.convention, "window": self.window, "stride": self.stride, "step": self.step, "add_bos": self.add_bos}
         if self.prefix_id is not None:
             out["prefix_token_id"] = self.prefix_id
         if self.detokenize != "none":
@@ -71,7 +81,14 @@ def resolve_windowing(config, lm) -> Windowing:
         if prefix_id is None:
             raise PplError("--convention lm-eval: this tokenizer has neither a BOS nor an EOS token to prefix")
     bos_id = lm.bos_id if add_bos else None
-    return Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize)
+    windowing = Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize)
+    if config.stride is not None and windowing.step != config.stride:
+        if convention == "sliding":
+            why = f"--stride {config.stride} is not below --window {window}: windows step by {windowing.step} tokens instead, each scored span keeping one token of context"
+        else:
+            why = f"--stride does not apply to --convention {convention}: its windows step by the window, {window} tokens"
+        warnings.warn(f"{why} (summary.json records both as windowing.stride and windowing.step)", PplWarning, stacklevel=2)
+    return windowing
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

@@ -32,10 +32,24 @@ class Tally:
     tokens: int = 0
 
 
-def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, write, progress, stop, retokenize, write_tokens=None) -> Tally:
-    """Score every document of `items` not done yet, a group at a time; write(rows, side) each
-    group, `side` holding per-document lines for the files beside documents.jsonl (contexts.jsonl,
-    reference.jsonl), after write_tokens([(index, positions, per-token values)]) when tokens are saved.
+@dataclass
+class RowSink:
+    """Where score_stream hands its rows: append(rows, side) stores a group's new rows, `side`
+    holding per-document lines for the files beside documents.jsonl (contexts.jsonl,
+    reference.jsonl); on_rows(rows), when given, gets every row in input order as soon as it is
+    final, scored now or by an earlier run (--jsonl)."""
+
+    append: Callable[[list[dict], dict[str, list[dict]]], None]
+    on_rows: Callable[[list[dict]], None] | None = None
+
+    def final(self, rows: list[dict]) -> None:
+        if self.on_rows is not None and rows:
+            self.on_rows(rows)
+
+
+def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, sink: RowSink, progress, stop, retokenize, write_tokens=None) -> Tally:
+    """Score every document of `items` not done yet, a group at a time, and hand each group's rows
+    to `sink`, after write_tokens([(index, positions, per-token values)]) when tokens are saved.
 
     `stop.check()` runs after every batch (a signal ends the run there); an error from `items`
     (bad input further on) is raised after the documents read before it are scored and written.
@@ -50,6 +64,7 @@ def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, write
         fresh = [item for item in group if item.done is None]
         if not fresh:  # finished by an earlier run
             progress.update(tokens=sum(item.done["tokens"] for item in group), documents=len(group), scored=False)
+            sink.final([item.done for item in group])
             return
         if len(fresh) < len(group):  # a group an earlier run left half-written: score it whole again
             group = [item if item.ids is not None else retokenize(item) for item in group]
@@ -62,7 +77,9 @@ def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, write
             side[REFERENCE_STEM] = [document_histograms(index, v) for index, _, v in values]
         if write_tokens is not None:
             write_tokens([(index, scored_positions(s), v) for index, s, v in values])
-        write(rows, side)
+        sink.append(rows, side)
+        new = iter(rows)
+        sink.final([item.done or next(new) for item in group])
         tally.scored += len(rows)
         tally.tokens += sum(row["tokens"] for row in rows)
         progress.update(documents=len(group))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_OUTPUT, PplError
+from .locking import LOCK_NAME, OutputLock
 from .metrics import METRIC_KEYS
 
 RUN_FILE = "run.json"  # what the run is, to check a resume against
@@ -30,6 +31,33 @@ OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
 UMASK = os.umask(0)
 os.umask(UMASK)
 DOCUMENT_COLUMNS = ("index", "id", *METRIC_KEYS)
+
+
+class WriteError(PplError):
+    """An output file could not be written (a full disk, a quota, a read-only or vanished directory,
+    an I/O error): one line naming the file and the cause, exit 5."""
+
+    def __init__(self, path: str | Path, error: OSError):
+        super().__init__(f"cannot write {path}: {reason(error)}", EXIT_OUTPUT)
+        self.path = Path(path)
+
+
+def reason(error: OSError) -> str:
+    if error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` into a WriteError naming it."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(path, e) from None
 
 
 @dataclass
@@ -70,17 +98,32 @@ class RunDirectory:
         self.snapshot: dict[str, int] = {}  # bytes of STEM.jsonl that an earlier run wrote
         self.last_index: dict[str, int] = {}  # the highest index appended to each STEM.jsonl so far
         self.in_order: dict[str, bool] = {}  # every line appended came after the ones before
+        self.lock: OutputLock | None = None
         if rank != 0 or spool:
-            return  # rank 0 checks and prepares the directory
+            return  # rank 0 checks, locks and prepares the directory for the ranks of its run
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.path):
                 pass
         except OSError as e:
             raise PplError(f"output directory {path} is not writable: {e.strerror}", EXIT_OUTPUT) from None
+        self.lock = OutputLock(self.path / LOCK_NAME, str(self.path)).acquire()
         if overwrite:
-            for own in self.own_files():
-                own.unlink()
+            with writing(self.path):
+                for own in self.own_files():
+                    own.unlink()
+
+    def close(self) -> None:
+        """Let another writer in."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def documents(self) -> Path:
@@ -135,8 +178,9 @@ class RunDirectory:
                 with atomic_writer(self.whole(stem)) as out:
                     for row in merged_rows(runs):
                         out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                for part in self.rank_files(stem):
-                    part.unlink()
+                with writing(self.path):
+                    for part in self.rank_files(stem):
+                        part.unlink()
             if self.whole(stem).exists():
                 self.snapshot[stem] = self.whole(stem).stat().st_size
                 self.last_index[stem] = last_index(self.whole(stem))
@@ -156,16 +200,13 @@ class RunDirectory:
 
     def append_lines(self, stem: str, lines: list[dict]) -> None:
         target = self.whole(stem) if self.world == 1 else self.rank_file(self.rank, stem)
-        with open(target, "a", encoding="utf-8") as f:
-            last = self.last_index.get(stem, -1)
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                if line["index"] <= last:
-                    self.in_order[stem] = False
-                last = max(last, line["index"])
-            self.last_index[stem] = last
-            f.flush()
-            os.fsync(f.fileno())
+        last = self.last_index.get(stem, -1)
+        for line in lines:
+            if line["index"] <= last:
+                self.in_order[stem] = False
+            last = max(last, line["index"])
+        append_bytes(target, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
+        self.last_index[stem] = last
 
     def finish(self, summarize: Callable[..., dict], given: dict[str, Iterable[dict]] | None = None) -> dict:
         """One pass over every per-document file in index order (the lines `given` for a stem, else
@@ -195,11 +236,28 @@ class RunDirectory:
             for lines in streams.values():  # every file rewritten to its end, whether summarize read it or not
                 for _ in lines:
                     pass
-        for part in self.rank_files():
-            part.unlink()
+        with writing(self.path):
+            for part in self.rank_files():
+                part.unlink()
         if not self.spool:
             write_atomic(self.path / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return summary
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    """Append whole lines and fsync them; on a failed write the file is cut back to where it was,
+    so a full disk leaves no torn line (a kill can, and the next start cuts it off)."""
+    with writing(path), open(path, "ab", buffering=0) as f:
+        start = f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view) :]
+            os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise
 
 
 def written(lines: Iterable[dict], out) -> Iterator[dict]:
@@ -283,18 +341,38 @@ def last_index(path: Path) -> int:
 
 @contextlib.contextmanager
 def atomic_writer(path: Path) -> Iterator:
-    """A text file beside `path`, fsynced and renamed over it on success: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~UMASK)  # as open() would make it, not mkstemp's 0600
+    """A text file beside `path`, fsynced and renamed over it on success: readers never see half a
+    file. A failed write is a WriteError naming `path`; the temp file is removed."""
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            os.chmod(tmp, 0o666 & ~UMASK)  # as open() would make it, not mkstemp's 0600
+        f = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        try:
+            yield GuardedText(f, path)
+            with writing(path):
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):  # after a failed write, closing cannot flush either
+                f.close()
+        with writing(path):
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class GuardedText:
+    """A text file whose write() raises WriteError(path) for an OSError (what csv and json.dump call)."""
+
+    def __init__(self, file, path: Path):
+        self.file, self.path = file, path
+
+    def write(self, text: str) -> int:
+        with writing(self.path):
+            return self.file.write(text)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .run_directory import writing
+
 TOKENS_DIR = "tokens"
 COLUMNS = ("index", "position", "token_id", "token", "logprob", "entropy", "rank")  # then ref_logprob, kld with a reference
 
@@ -67,10 +69,15 @@ def write_part(folder: Path, tables: list[dict]) -> None:
         return
     table = pa.table({name: concat([t[name] for t in tables]) for name in tables[0]})
     path = part_path(folder, int(tables[0]["index"][0]))
-    path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            path.parent.mkdir(exist_ok=True)
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def concat(parts: list):
@@ -97,12 +104,13 @@ def keep_only_done(folder: Path, done: Iterable[int]) -> None:
         if keep.all():
             continue
         table = pq.read_table(part).filter(keep)
-        if table.num_rows == 0:
-            part.unlink()
-            continue
-        tmp = part.with_name(f".{part.name}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, part)
+        with writing(part):
+            if table.num_rows == 0:
+                part.unlink()
+                continue
+            tmp = part.with_name(f".{part.name}.tmp")
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, part)
 
 
 def copy_parts(sources: list[Path], target: Path) -> None:
@@ -110,8 +118,9 @@ def copy_parts(sources: list[Path], target: Path) -> None:
     for source in sources:
         for part in sorted((source / TOKENS_DIR).glob("part-*.parquet")):
             destination = target / TOKENS_DIR / part.name
-            destination.parent.mkdir(exist_ok=True)
-            try:
-                os.link(part, destination)
-            except OSError:
-                shutil.copyfile(part, destination)
+            with writing(destination):
+                destination.parent.mkdir(exist_ok=True)
+                try:
+                    os.link(part, destination)
+                except OSError:
+                    shutil.copyfile(part, destination)
