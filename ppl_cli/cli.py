@@ -43,6 +43,14 @@ def cli():
 @click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), help="On invalid UTF-8: fail (strict) or replace.")
 @click.option("--limit", type=int, help="Score only the first N documents.")
 @click.option("--streaming", is_flag=True, help="Hub datasets: stream the rows instead of downloading the dataset whole.")
+@click.option("--context-field", help="A field read as the text's context and not scored: the text is scored given it (dotted paths allowed).")
+@click.option("--context-template", help="A context made from fields, e.g. '{instruction}\\n{input}\\n' (\\n, \\t are read as escapes).")
+@click.option("--messages-field", help="A field holding a conversation ([{role, content}, ...]), rendered with the chat template.")
+@click.option("--score-roles", help="The conversation turns scored, comma-separated (default: assistant).")
+@click.option("--chat-template", type=click.Path(dir_okay=False), help="A Jinja chat template file, instead of the tokenizer's.")
+@click.option("--chat-wrap", is_flag=True, help="Score each plain document as the assistant's reply to --chat-prompt.")
+@click.option("--chat-prompt", help="The user turn that --chat-wrap puts before each document.")
+@click.option("--ifd", is_flag=True, help="Also score each continuation without its context: unconditional_nll_sum and ifd.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), help="Whose windows and counts: sliding (default), hf-recipe, lm-eval, llama-cpp.")
 @click.option("--detokenize", type=click.Choice(DETOKENIZERS), help="wikitext: lm-eval's WikiText detokenizer before scoring.")
 @click.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
@@ -128,13 +136,14 @@ def merge(dirs, output, allow_partial, overwrite, as_json, debug):
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--allow-different-data", is_flag=True, help="Compare the documents every run scored (matched by index and id).")
+@click.option("--allow-different-windowing", is_flag=True, help="Compare runs that scored the same documents with other windows, conventions or --chat-wrap.")
 @click.option("--bootstrap-samples", type=int, default=1000, show_default=True, help="Paired bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resamples.")
 @click.option("--top", type=int, default=5, show_default=True, help="Documents listed as most improved and most worsened.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON object.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
-def compare(runs, allow_different_data, bootstrap_samples, seed, top, as_json, markdown, debug):
+def compare(runs, as_json, markdown, debug, **options):
     """Compare result directories against the first (the baseline): paired bootstrap intervals and p-values.
 
     \b
@@ -146,7 +155,7 @@ def compare(runs, allow_different_data, bootstrap_samples, seed, top, as_json, m
     def work():
         from .commands.compare import CompareConfig, compare_runs
 
-        return compare_runs(CompareConfig(tuple(runs), allow_different_data, bootstrap_samples, seed, top))
+        return compare_runs(CompareConfig(tuple(runs), **options))
 
     comparison = guarded(work, debug)
     from .commands.compare import format_comparison, format_markdown

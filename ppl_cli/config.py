@@ -16,11 +16,13 @@ DOC_SPLITS = ("file", "line", "blank-line")
 ENCODING_ERRORS = ("strict", "replace")
 CONVENTIONS = ("sliding", "hf-recipe", "lm-eval", "llama-cpp")
 DETOKENIZERS = ("none", "wikitext")
-SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")  # ppl-eval select --metric
+SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "ifd")  # ppl-eval select --metric
 BANDS = ("low", "middle", "high")  # ppl-eval select --keep
 SELECT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # what ppl-eval select writes
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = "python-docstrings"
+DEFAULT_CHAT_PROMPT = "Write a passage of text."  # --chat-wrap: the user turn each document answers
+DEFAULT_SCORE_ROLES = ("assistant",)
 
 
 def as_tuple(value):
@@ -53,6 +55,15 @@ class Config:
     encoding_errors: str = "strict"
     limit: int | None = None
     streaming: bool = False  # hub datasets: read as an IterableDataset instead of downloading whole
+    # Prompts and conversations: a document whose tokens are only partly scored
+    context_field: str | None = None  # a field read as the text's context, not scored (dotted paths allowed)
+    context_template: str | None = None  # or a context made from fields: "{instruction}\n{input}\n"
+    messages_field: str | None = None  # a list of {"role", "content"}, rendered with the chat template
+    score_roles: tuple[str, ...] = DEFAULT_SCORE_ROLES  # the conversation turns that are scored
+    chat_template: str | None = None  # a Jinja file used instead of the tokenizer's chat template
+    chat_wrap: bool = False  # each plain document as the assistant's reply to chat_prompt
+    chat_prompt: str = DEFAULT_CHAT_PROMPT
+    ifd: bool = False  # also score each continuation without its context: unconditional_nll_sum and ifd
     # Windows
     convention: str = "sliding"  # sliding, hf-recipe, lm-eval or llama-cpp
     detokenize: str = "none"  # "wikitext": lm-eval's WikiText detokenizer before scoring
@@ -74,6 +85,9 @@ class Config:
 
     def __post_init__(self):
         object.__setattr__(self, "data", as_tuple(self.data))
+        if isinstance(self.score_roles, str):  # "assistant,user" as the CLI gives it
+            object.__setattr__(self, "score_roles", tuple(r.strip() for r in self.score_roles.split(",") if r.strip()))
+        object.__setattr__(self, "score_roles", as_tuple(self.score_roles))
         check_types(self)
         for name in ("dtype", "reference_dtype"):
             if getattr(self, name) not in DTYPES:
@@ -101,6 +115,40 @@ class Config:
         for flag in ("overwrite", "save_tokens"):
             if getattr(self, flag) and not self.output:
                 raise PplError(f"--{flag.replace('_', '-')} needs an output directory (-o/--output)")
+        self.check_conditional()
+
+    @property
+    def conditional(self) -> str | None:
+        """How documents are scored given something: "pairs", "conversations", "chat-wrap", or None (plain)."""
+        if self.messages_field:
+            return "conversations"
+        if self.chat_wrap:
+            return "chat-wrap"
+        if self.context_field or self.context_template:
+            return "pairs"
+        return None
+
+    def check_conditional(self) -> None:
+        given = [f"--{name.replace('_', '-')}" for name in ("context_field", "context_template", "messages_field", "chat_wrap") if getattr(self, name)]
+        if len(given) > 1:
+            raise PplError(f"{given[0]} and {given[1]} are two ways to give a document's context; choose one")
+        mode = self.conditional
+        if mode and self.convention in ("hf-recipe", "llama-cpp"):
+            raise PplError(f"{given[0]} needs a convention that scores each document on its own (sliding or lm-eval), not {self.convention}")
+        if self.ifd and not mode:
+            raise PplError("--ifd scores each continuation with and without its context: it needs --context-field, --context-template, --messages-field or --chat-wrap")
+        if self.chat_template and mode not in ("conversations", "chat-wrap"):
+            raise PplError("--chat-template applies to --messages-field and --chat-wrap")
+        if self.score_roles != DEFAULT_SCORE_ROLES and mode != "conversations":
+            raise PplError("--score-roles applies to --messages-field")
+        if not self.score_roles:
+            raise PplError("--score-roles must name at least one role")
+        if self.chat_prompt != DEFAULT_CHAT_PROMPT and mode != "chat-wrap":
+            raise PplError("--chat-prompt applies to --chat-wrap")
+        if mode in ("conversations", "chat-wrap") and self.add_bos is not None:
+            raise PplError(f"{given[0]}: the chat template decides the special tokens; --add-bos/--no-add-bos do not apply")
+        if mode in ("conversations", "pairs") and self.detokenize != "none":
+            raise PplError(f"--detokenize applies to plain documents (and --chat-wrap), not to {given[0]}")
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

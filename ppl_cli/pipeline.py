@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, str
 
     from .engine.loading import load_model, load_reference
     from .engine.scorer import Scorer
-    from .engine.tokenizing import background, batch_encoder, joined_document, token_ids, tokenize_documents
+    from .engine.tokenizing import background, batch_encoder, joined_document, tokenize_batch, tokenize_documents
     from .output.rows import RowSink, score_stream
     from .runtime.progress import Progress
 
@@ -76,7 +77,8 @@ def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, str
     lm = load_model(config, ranks.local_rank)
     windowing = resolve_windowing(config, lm)
     ref = load_reference(config, windowing, lm.tokenizer, ranks.local_rank) if config.reference_model else None
-    identity = run_identity(config, lm.info, sources, windowing, ref and ref.info)
+    conditional = conditional_sequences(config, lm, windowing)
+    identity = run_identity(config, lm.info, sources, windowing, ref and ref.info, conditional and conditional.identity)
     begin_run(run_dir, ranks, identity)
 
     batch_tokens = config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window)
@@ -84,13 +86,15 @@ def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, str
     scorer = Scorer(lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config))
     write_tokens = token_writer(run_dir.path, lm.tokenizer) if config.save_tokens else None
     encode = batch_encoder(lm.tokenizer)
-    stage = joined_document if joined_convention(config) else tokenize_documents
     sink = RowSink(run_dir.append, on_rows if ranks.world == 1 else None)
     bar = Progress(stream, config.limit, progress and ranks.main)
     scoring_started = time.perf_counter()
     try:
-        with stop_signals() as stop, background(stage(stream, encode, windowing, run_dir.done_rows())) as items:
-            retokenize = lambda item: item._replace(ids=token_ids(encode, [item.document.text], windowing)[0])  # noqa: E731
+        batches = joined_document(stream, encode, windowing, run_dir.done_rows()) if joined_convention(config) else (
+            tokenize_documents(stream, encode, windowing, run_dir.done_rows(), conditional and conditional.sequences)
+        )
+        with stop_signals() as stop, background(batches) as items:
+            retokenize = lambda item: tokenize_batch([(item.index, item.document, None)], encode, windowing, conditional and conditional.sequences)[0]  # noqa: E731
             tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, write_tokens)
     except Interrupted as e:
         raise stopped(e.signum, bar.documents, run_dir) from None
@@ -166,6 +170,47 @@ def check_something_scored(summary: dict, config: Config) -> None:
     )
 
 
+@dataclass(frozen=True)
+class ConditionalRun:
+    """A run whose documents are scored given a context: how they become sequences, and what run.json records of it."""
+
+    sequences: Any  # engine.tokenizing.Conditional
+    identity: dict
+
+
+def conditional_sequences(config: Config, lm, windowing) -> ConditionalRun | None:
+    """--context-field/--context-template, --messages-field or --chat-wrap: the layout of each
+    document (the chat template rendered), the prefix tokens, and --ifd's prefix token."""
+    from .engine.conventions import text_to_score, tokenizer_adds_bos
+    from .engine.layouts import ChatRenderer, pair_layout
+    from .engine.tokenizing import Conditional
+
+    mode = config.conditional
+    if mode is None:
+        return None
+    identity = {"mode": mode, "ifd": config.ifd}
+    if mode == "pairs":
+        layout = pair_layout
+    else:
+        renderer = ChatRenderer(lm.tokenizer, config)
+        identity.update(chat_template=renderer.identity, score_roles=list(config.score_roles))
+        if mode == "chat-wrap":
+            identity["chat_prompt"] = config.chat_prompt
+        layout = lambda doc: renderer.layout(doc, text_to_score(doc.text, windowing))  # noqa: E731
+    lm_eval = windowing.convention == "lm-eval"
+    if lm_eval:  # lm-eval encodes a pair with the tokenizer's own special tokens: BOS where it adds one
+        pair_prefix = [lm.tokenizer.bos_token_id] if tokenizer_adds_bos(lm.tokenizer) else []
+    else:
+        pair_prefix = [windowing.bos_id] if windowing.add_bos else []
+    empty_context_prefix = [windowing.prefix_id] if lm_eval else pair_prefix
+    alone_prefix = None
+    if config.ifd:
+        alone_prefix = windowing.prefix_id if lm_eval else lm.bos_id
+        if alone_prefix is None:
+            raise PplError("--ifd scores each continuation alone after a BOS token, and this tokenizer defines none")
+    return ConditionalRun(Conditional(layout, mode, pair_prefix, empty_context_prefix, alone_prefix), identity)
+
+
 def kept_token_values(config: Config) -> tuple[str, ...]:
     """The per-token values the scorer hands back: the NLL (for contexts.jsonl), a reference's KL
     and delta p (reference.jsonl), and for --save-tokens entropy and rank too."""
@@ -182,7 +227,7 @@ def token_writer(folder: Path, tokenizer):
     from .output.token_export import TokenPieces, document_table, write_part
 
     pieces = TokenPieces(tokenizer)
-    return lambda documents: write_part(folder, [document_table(i, positions, values, pieces) for i, positions, values in documents])
+    return lambda documents: write_part(folder, [document_table(item.index, positions, values, pieces, item) for item, positions, values in documents])
 
 
 def open_run_directory(config: Config, ranks) -> tuple[RunDirectory, Any]:

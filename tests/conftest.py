@@ -97,6 +97,40 @@ def save_tiny_llama(path: Path) -> Path:
     return path
 
 
+CHATML = (  # ChatML as SmolLM2 and Qwen write it, without a default system prompt, and no {% generation %} markers
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def save_tiny_chat_llama(path: Path) -> Path:
+    """The tiny Llama with ChatML's special tokens and chat template: a chat model to test conversations on."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(["<s>", "</s>", "<|im_start|>", "<|im_end|>"]), bos_token="<s>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=3, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> str:
+    return str(save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat")))
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     return str(save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2")))

@@ -128,3 +128,23 @@ def requantized(model, quantization: str = "Q4_0"):
                 q = gguf.quants.quantize(p.detach().float().numpy(), kind)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(q, kind).astype(np.float32)))
     return out
+
+
+def masked_nll(model, ids: list[int], scored: list[int]) -> float:
+    """The NLL of the tokens at positions `scored` (each >= 1) from ONE plain forward pass over all of ids, in float64."""
+    logprobs = token_logprobs(model, ids)  # logprobs[j - 1] is log p(ids[j] | ids[:j])
+    return -sum(logprobs[j - 1].item() for j in scored)
+
+
+def chunked_nll(model, ids: list[int], spans: list[tuple[int, int]], window: int, chunk: int) -> float:
+    """The documented rule for a document scored given a context, as a plain loop: each span's
+    tokens in chunks of `chunk`, each chunk scored by one forward pass over the `window` tokens
+    that end where the chunk ends."""
+    total = 0.0
+    for a, b in spans:
+        for start in range(a, b, chunk):
+            end = min(start + chunk, b)
+            begin = max(0, end - window)
+            logprobs = token_logprobs(model, ids[begin:end])
+            total -= sum(logprobs[j - begin - 1].item() for j in range(start, end))
+    return total

@@ -73,6 +73,19 @@ def test_band_equals_a_naive_sort_and_slice(scored, tmp_path, band, fraction):
     assert written_indices(out) == sorted(ranked[start : start + k])  # in source order
 
 
+@pytest.mark.parametrize("band", ["low", "middle", "high"])
+def test_a_band_after_thresholds_is_taken_among_the_documents_within_them(scored, tmp_path, band):
+    out = tmp_path / "kept.jsonl"
+    values = scores(scored["run"])
+    limit = float(np.percentile(list(values.values()), 70))
+    selection = select_records(SelectConfig(str(scored["run"]), str(out), max=limit, keep=band, keep_fraction=0.3))
+    within = sorted((i for i in values if values[i] <= limit), key=lambda i: (values[i], i))
+    k = math.floor(0.3 * len(within) + 0.5)
+    start = {"low": 0, "high": len(within) - k, "middle": (len(within) - k) // 2}[band]
+    assert written_indices(out) == sorted(within[start : start + k])
+    assert selection["cut_points"]["documents"] == k and selection["cut_points"]["of"] == len(within)
+
+
 def test_buckets_equal_numpy_percentiles_and_cover_the_scored_corpus(scored, tmp_path):
     selection = select_records(SelectConfig(str(scored["run"]), str(tmp_path / "b"), buckets=(30, 60)))
     values = scores(scored["run"])
@@ -173,8 +186,8 @@ def test_partial_runs_are_refused_unless_allowed(scored, tmp_path):
         (["--buckets", "30,x", "-o", "b"], 2, "--buckets must be percentiles separated by commas"),
         (["--metric", "loss", "--keep", "low", "--keep-fraction", "1"], 2, "Invalid value for '--metric'"),
         (["--keep", "low"], 2, "--keep-fraction must be in (0, 1]"),
-        (["--max", "3", "--keep", "low", "--keep-fraction", "1"], 2, "choose one kind of criterion"),
-        ([], 2, "choose one kind of criterion"),
+        (["--max", "3", "--buckets", "30,60", "-o", "b"], 2, "or --buckets alone; given: thresholds and --buckets"),
+        ([], 2, "choose a criterion"),
         (["--keep", "low", "--keep-fraction", "1", "-o", "x.txt"], 2, "the output must end in .jsonl"),
         (["--keep", "low", "--keep-fraction", "1", "-o", "-", "--json"], 2, "--json and -o - would both write to stdout"),
     ],

@@ -32,6 +32,7 @@ SAME_RUN_KEYS = ("convention", "window", "step", "add_bos", "detokenize")
 class CompareConfig:
     runs: tuple[str, ...]  # result directories; the first is the baseline
     allow_different_data: bool = False
+    allow_different_windowing: bool = False  # the same documents under other windows, conventions or framing (--chat-wrap)
     bootstrap_samples: int = 1000
     seed: int = 0
     top: int = 5  # documents listed as most improved and most worsened
@@ -65,7 +66,7 @@ def metric_value(metric: str, nll: np.ndarray | float, units: np.ndarray | float
 
 def compare_runs(config: CompareConfig) -> dict:
     runs = [read_run(Path(p)) for p in config.runs]
-    matched = check_comparable(runs, config.allow_different_data)
+    matched = check_comparable(runs, config)
     totals = PairedTotals(len(runs), config.bootstrap_samples, config.seed, config.top)
     for rows in joined_rows(runs, matched):
         totals.add(rows)
@@ -85,19 +86,23 @@ def read_run(path: Path) -> Run:
     return Run(path, summary)
 
 
-def check_comparable(runs: list[Run], allow_different_data: bool) -> bool:
+def check_comparable(runs: list[Run], config: CompareConfig) -> bool:
     """Refuse runs that scored different documents, or scored them differently, naming the
     difference. Returns whether documents are matched by index and id (different data allowed)."""
     base = runs[0]
     different = False
     for run in runs[1:]:
-        for key in SAME_RUN_KEYS:
+        for key in (*SAME_RUN_KEYS, "conditional") if not config.allow_different_windowing else ():
             a, b = windowing_value(base, key), windowing_value(run, key)
             if a != b:
-                raise PplError(f"{run.name} and {base.name} scored the documents differently: {key} {b!r} vs {a!r}", EXIT_DATA)
+                raise PplError(
+                    f"{run.name} and {base.name} scored the documents differently: {key} {b!r} vs {a!r};"
+                    " --allow-different-windowing compares them anyway",
+                    EXIT_DATA,
+                )
         a, b = base.summary["data"]["fingerprint"], run.summary["data"]["fingerprint"]
         if a != b:
-            if not allow_different_data:
+            if not config.allow_different_data:
                 raise PplError(
                     f"{run.name} and {base.name} scored different data (fingerprint {b[:23]}... vs {a[:23]}...);"
                     " --allow-different-data compares the documents both scored",
@@ -110,6 +115,8 @@ def check_comparable(runs: list[Run], allow_different_data: bool) -> bool:
 def windowing_value(run: Run, key: str):
     """A windowing setting of a run; `step` is compared rather than `stride` (two strides can make the
     same windows), taken as Windowing computes it where a summary does not record it."""
+    if key == "conditional":  # a prompt, a conversation or --chat-wrap: which tokens are scored
+        return (run.summary.get("conditional") or {}).get("mode")
     described = run.summary["windowing"]
     if key == "step" and key not in described:
         return Windowing.from_description(described).step

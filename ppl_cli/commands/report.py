@@ -225,12 +225,16 @@ TEMPLATE = "report.html"  # in templates/, beside this module
 
 
 def token_spans(tokens: dict) -> list[dict]:
-    """Each token's text, surprisal step (its colour) and tip: p, -ln p, rank and entropy on hover."""
+    """Each token's text, surprisal step (its colour) and tip: p, -ln p, rank and entropy on hover.
+    A context token (a document scored given a context) has no values: it is shown greyed."""
     out = []
     for piece, logprob, rank, entropy in zip(tokens["token"], tokens["logprob"], tokens["rank"], tokens["entropy"]):
+        if logprob is None:
+            out.append({"piece": piece, "context": True})
+            continue
         surprisal = -logprob
         tip = f"p = {math.exp(logprob):.4f}, -ln p = {surprisal:.2f} nats, rank {rank}, entropy {entropy:.2f} nats"
-        out.append({"piece": piece, "step": surprisal_step(surprisal), "tip": tip})
+        out.append({"piece": piece, "step": surprisal_step(surprisal), "tip": tip, "context": False})
     return out
 
 

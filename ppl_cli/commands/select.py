@@ -29,6 +29,8 @@ from ..output.run_directory import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, read_
 
 PREFIX = "ppl_eval"  # each written record gains {"ppl_eval": {"index": ..., "token_perplexity": ..., ...}}
 SCORE_FIELDS = ("index", "id", "token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "nll_sum", "tokens")
+METRIC_SOURCES = {"ifd": "a run with --ifd has it"}  # how to get a metric that not every run has
+OPTIONAL_SCORE_FIELDS = ("ifd", "unconditional_nll_sum", "context_tokens", "turns")  # a conditional run's, when its rows have them
 PARQUET_BATCH = 1000
 
 
@@ -61,11 +63,11 @@ class SelectConfig:
         if self.metric not in METRICS:
             raise PplError(f"metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         thresholds = any(v is not None for v in (self.min, self.max, self.min_perplexity, self.max_perplexity))
-        kinds = [name for name, given in (("thresholds", thresholds), ("--keep", self.keep), ("--buckets", self.buckets)) if given]
-        if len(kinds) != 1:
+        if not (thresholds or self.keep or self.buckets) or (self.buckets and (thresholds or self.keep)):
+            kinds = [name for name, given in (("thresholds", thresholds), ("--keep", self.keep), ("--buckets", self.buckets)) if given]
             raise PplError(
-                "choose one kind of criterion: thresholds (--min/--max, --min-perplexity/--max-perplexity), --keep with"
-                " --keep-fraction, or --buckets" + (f"; given: {' and '.join(kinds)}" if kinds else "")
+                "choose a criterion: thresholds (--min/--max, --min-perplexity/--max-perplexity), --keep with"
+                " --keep-fraction (after thresholds, if any), or --buckets alone" + (f"; given: {' and '.join(kinds)}" if kinds else "")
             )
         if self.keep is not None:
             if self.keep not in BANDS:
@@ -174,6 +176,8 @@ class Scores:
         index, value, tokens, n_bytes, token_ppl = [], [], [], [], []
         unscored = 0
         for row in read_rows(run / DOCUMENTS_FILE):
+            if config.metric not in row:
+                raise PplError(f"{run} has no {config.metric} for its documents; {METRIC_SOURCES.get(config.metric, 'choose another --metric')}", EXIT_DATA)
             if row[config.metric] is None:
                 unscored += 1
                 continue
@@ -190,8 +194,10 @@ class Scores:
 def decide(scores: Scores, config: SelectConfig) -> tuple[np.ndarray, dict]:
     """For each scored document (in scores' order), its output (0.., or -1: not kept), and the cut points.
 
-    Ranks order the values ascending, ties by index. --keep takes k = floor(F n + 1/2) documents:
-    ranks [0, k) (low), [n - k, n) (high), or [floor((n - k) / 2), that + k) (middle). --buckets:
+    Thresholds keep the documents within every bound given. Ranks order the values ascending, ties
+    by index. --keep takes k = floor(F n + 1/2) of the n documents within the thresholds (all
+    scored documents without thresholds): ranks [0, k) (low), [n - k, n) (high), or
+    [floor((n - k) / 2), that + k) (middle). --buckets:
     the cut points are numpy's linear-interpolation percentiles of the values, and a document goes
     to the number of cut points below its value (a value equal to a cut point stays below it).
     """
@@ -201,15 +207,7 @@ def decide(scores: Scores, config: SelectConfig) -> tuple[np.ndarray, dict]:
         cuts = [float(c) for c in np.percentile(scores.value, config.buckets)] if n else []
         chosen[:] = np.searchsorted(np.array(cuts), scores.value, side="left") if n else chosen
         return chosen, {"percentiles": list(config.buckets), "values": cuts}
-    if config.keep is not None:
-        k = math.floor(config.keep_fraction * n + 0.5)
-        order = np.lexsort((scores.index, scores.value))  # by value, then index
-        start = {"low": 0, "high": n - k, "middle": (n - k) // 2}[config.keep]
-        kept = order[start : start + k]
-        chosen[kept] = 0
-        edges = [float(scores.value[kept].min()), float(scores.value[kept].max())] if k else []
-        return chosen, {"band": config.keep, "fraction": config.keep_fraction, "documents": k, "values": edges}
-    keep = np.ones(n, dtype=bool)
+    passing = np.ones(n, dtype=bool)
     with np.errstate(invalid="ignore"):
         for bound, values, test in (
             (config.min, scores.value, np.greater_equal),
@@ -218,9 +216,19 @@ def decide(scores: Scores, config: SelectConfig) -> tuple[np.ndarray, dict]:
             (config.max_perplexity, scores.token_ppl, np.less_equal),
         ):
             if bound is not None:
-                keep &= test(values, bound)
-    chosen[keep] = 0
-    return chosen, {}
+                passing &= test(values, bound)
+    if config.keep is None:
+        chosen[passing] = 0
+        return chosen, {}
+    candidates = np.flatnonzero(passing)
+    m = len(candidates)
+    k = math.floor(config.keep_fraction * m + 0.5)
+    order = candidates[np.lexsort((scores.index[candidates], scores.value[candidates]))]  # by value, then index
+    start = {"low": 0, "high": m - k, "middle": (m - k) // 2}[config.keep]
+    kept = order[start : start + k]
+    chosen[kept] = 0
+    edges = [float(scores.value[kept].min()), float(scores.value[kept].max())] if k else []
+    return chosen, {"band": config.keep, "fraction": config.keep_fraction, "documents": k, "of": m, "values": edges}
 
 
 def planned_outputs(config: SelectConfig) -> dict:
@@ -274,7 +282,7 @@ def write_records(source_config, run, scores, chosen, outputs, config, fingerpri
                 row = next(rows, None)
             if row is None or row["index"] != index:
                 # The run's own shares: a document without a row was skipped; elsewhere it was not scored.
-                skipped = fingerprint_covers(index) if fingerprint_covers is not None else not doc.text.strip()
+                skipped = fingerprint_covers(index) if fingerprint_covers is not None else doc.empty
                 counts["skipped" if skipped else "not_scored"] += 1
                 continue
             if row["id"] != doc.id:
@@ -285,7 +293,8 @@ def write_records(source_config, run, scores, chosen, outputs, config, fingerpri
                 )
             out = by_index.get(index, -1)
             if out >= 0 and writers:
-                writers[out].write({**whole_record(record, doc), PREFIX: {k: row[k] for k in SCORE_FIELDS}})
+                scores_kept = {k: row[k] for k in SCORE_FIELDS} | {k: row[k] for k in OPTIONAL_SCORE_FIELDS if k in row}
+                writers[out].write({**whole_record(record, doc), PREFIX: scores_kept})
                 counts["written"][out] += 1
         if summary is not None and fingerprint(digest_sum) != summary["data"]["fingerprint"]:
             raise PplError(
@@ -311,11 +320,11 @@ class RecordWriter:
             self.tmp, self.file = None, sys.stdout
             return
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with writing(path):
+            self.raw = raw = open(self.tmp, "wb")  # closed by commit() or abort(), whatever wraps it
         if fmt == ".parquet":
             self.file = None
             return
-        with writing(path):
-            raw = open(self.tmp, "wb")
         if fmt == ".jsonl.gz":
             import gzip
 
@@ -348,7 +357,7 @@ class RecordWriter:
 
         if self.parquet is None:
             table = pa.Table.from_pylist(self.rows)
-            self.parquet = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
+            self.parquet = pq.ParquetWriter(self.raw, table.schema, compression="zstd")
         else:
             try:
                 table = pa.Table.from_pylist(self.rows, schema=self.parquet.schema)
@@ -373,23 +382,23 @@ class RecordWriter:
                     import pyarrow as pa
                     import pyarrow.parquet as pq
 
-                    pq.write_table(pa.table({}), self.tmp)
+                    pq.write_table(pa.table({}), self.raw)
                 else:
                     self.flush_parquet()
             if self.parquet is not None:
                 self.parquet.close()
         else:
             self.file.close()
+        self.raw.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         """Remove the temp file of an output that was not committed."""
         if self.tmp is not None:
-            with contextlib.suppress(OSError):  # after a failed write, closing cannot flush either
-                if self.file is not None:
-                    self.file.close()
-                if self.parquet is not None:
-                    self.parquet.close()
+            for opened in (self.file, self.parquet, self.raw):
+                if opened is not None:
+                    with contextlib.suppress(OSError):  # after a failed write, closing cannot flush either
+                        opened.close()
             Path(self.tmp).unlink(missing_ok=True)
             self.tmp = None
 

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 
 from ..config import Config
 from ..errors import EXIT_DATA, PplError
@@ -75,10 +76,12 @@ class DocumentStream:
 
 
 def digest(index: int, doc: Document) -> int:
-    """sha256 of a document's index, id and text, as an integer."""
+    """sha256 of a document's index, id and text (then its context or messages, when it has them), as an integer."""
     h = hashlib.sha256(json.dumps([index, doc.id], ensure_ascii=False).encode("utf-8", "surrogatepass"))
     h.update(b"\n")
     h.update(doc.text.encode("utf-8", "surrogatepass"))
+    if doc.context is not None or doc.messages is not None:
+        h.update(b"\n" + json.dumps([doc.context, doc.messages], ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass"))
     return int.from_bytes(h.digest(), "big")
 
 
@@ -122,8 +125,8 @@ def to_document(record: Record, config: Config) -> Document:
     if fmt in ("json", "csv", "parquet", "hub"):
         return record_document(table_row(record), where(record), default_id(record), config)
     if isinstance(record.payload, Document):  # WikiText articles, the built-in corpus
-        return record.payload
-    return Document(default_id(record), record.payload)  # plain text
+        return replace(record.payload, where=where(record))
+    return Document(default_id(record), record.payload, where=where(record))  # plain text
 
 
 def whole_record(record: Record, doc: Document) -> dict:

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from ..config import Config
 from ..errors import EXIT_DATA, PplError
-from .records import Document, Record
+from .records import MISSING, Document, Record, field_value, top_level_fields
 from .sources import WIKITEXT_HUB, ByteCounter, Source, first_line, open_binary, open_seekable
 
 # Standard-library modules whose docstrings are long English prose, in a fixed order. They are
@@ -64,7 +64,7 @@ def stream_records(source: Source, stream: BinaryIO, config: Config) -> Iterator
             head.append((number, line))
             if line.strip():
                 break
-        records = head and is_record_line(head[-1][1], config.text_field)
+        records = head and is_record_line(head[-1][1], config.messages_field or config.text_field)
         source = replace(source, format="jsonl" if records else "text")
         lines = itertools.chain(head, read_lines(stream, source, start=len(head) + 1))
         if records:
@@ -135,14 +135,14 @@ def jsonl_records(source: Source, lines: Iterable[tuple[int, bytes]]) -> Iterato
             yield Record(source, number, line)
 
 
-def is_record_line(line: bytes, text_field: str) -> bool:
+def is_record_line(line: bytes, main_field: str) -> bool:
     if not line.lstrip().startswith((b"{", BOM + b"{")):
         return False
     try:
         row = json.loads(line.removeprefix(BOM))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(row, dict) and text_field in row
+    return isinstance(row, dict) and field_value(row, main_field) is not MISSING
 
 
 # JSON, CSV, Parquet
@@ -208,12 +208,13 @@ def parquet_records(source: Source, config: Config, counter: ByteCounter, all_co
         raise
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise PplError(f"cannot read parquet file {source.name}: {first_line(e)}", EXIT_DATA) from None
-    for field in (config.text_field, config.id_field):
-        if field is not None and field not in names:
-            kind = "field" if field == config.text_field else "id field"
-            hint = "; use --text-field" if kind == "field" else ""
+    main = (config.messages_field or config.text_field).split(".")[0]
+    for field in top_level_fields(config):
+        if field not in names:
+            kind = "id field" if field == config.id_field else "field"
+            hint = ("; use --messages-field" if config.messages_field else "; use --text-field") if field == main else ""
             raise PplError(f"{source.name} has no {kind} {field!r} (fields: {', '.join(names)}){hint}", EXIT_DATA)
-    columns = None if all_columns else [f for f in dict.fromkeys((config.text_field, config.id_field)) if f]
+    columns = None if all_columns else top_level_fields(config)
     rows = file.metadata.num_rows
     row = 0
     try:

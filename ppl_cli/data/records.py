@@ -1,7 +1,14 @@
-"""A record's fields -> a Document: the types that flow through the data stage, and how errors name a record."""
+"""A record's fields -> a Document: the types that flow through the data stage, and how errors name a record.
+
+A document is a text, or a text given a context (--context-field, --context-template), or a
+conversation (--messages-field); the engine decides which of its tokens are scored.
+"""
 
 from __future__ import annotations
 
+import re
+import string
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..config import Config
@@ -9,11 +16,26 @@ from ..errors import EXIT_DATA, PplError
 from .sources import Source
 
 LINE_FORMATS = ("jsonl", "csv", "text", "wikitext")  # records are found by line; the others by row or record number
+TEMPLATE_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}  # --context-template '{q}\n' as a shell passes it
 
 
-class Document(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One document: `text` is what is scored (a plain document, or a continuation given `context`);
+    a conversation keeps its `messages` (each a dict with at least a role and a string content)."""
+
     id: str | None
     text: str
+    context: str | None = None
+    messages: tuple[dict, ...] | None = None
+    where: str = field(default="", compare=False)  # how errors name its record: "chats.jsonl line 12"
+
+    @property
+    def empty(self) -> bool:
+        """Nothing that could be scored: no message content, or a text of whitespace only."""
+        if self.messages is not None:
+            return not any(m["content"].strip() for m in self.messages)
+        return not self.text.strip()
 
 
 class Record(NamedTuple):
@@ -22,7 +44,6 @@ class Record(NamedTuple):
     source: Source
     position: int | None  # line (1-based) of line formats, row (0-based) of tables; None: the whole file
     payload: Any
-
 
 
 def where(record: Record) -> str:
@@ -46,23 +67,108 @@ def default_id(record: Record) -> str:
     return f"{source.name}[{position}]"
 
 
+MISSING = object()
+
+
+def field_value(row: dict, path: str) -> Any:
+    """A field of a record: the key itself, else a dotted path into nested objects (`meta.lang`); MISSING if absent."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
+def top_level_fields(config: Config) -> list[str]:
+    """The columns a record needs for its document (what a Parquet reader reads)."""
+    paths = [config.messages_field or config.text_field, config.id_field, config.context_field]
+    if config.context_template:
+        paths += template_fields(config.context_template)
+    return list(dict.fromkeys(p.split(".")[0] for p in paths if p))
+
+
+def template_fields(template: str) -> list[str]:
+    """The {field} placeholders of a --context-template, in order."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(unescape(template)) if name]
+    except ValueError as e:
+        raise PplError(f"--context-template is not a valid template: {e}") from None
+
+
+def unescape(template: str) -> str:
+    return re.sub(r"\\\\|\\n|\\t", lambda m: TEMPLATE_ESCAPES[m.group(0)], template)
+
+
 def record_document(row: dict, where: str, default: str, config: Config) -> Document:
-    """Take the text (and id) fields of a record, with errors that name the record."""
-    if config.text_field not in row:
-        fields = ", ".join(map(str, row)) or "none"
-        raise PplError(f"{where} has no field {config.text_field!r} (fields: {fields}); use --text-field", EXIT_DATA)
-    text = row[config.text_field]
+    """Take the text (or messages), context and id fields of a record, with errors that name the record."""
+    if config.messages_field:
+        text, context, messages = "", None, conversation(row, where, config.messages_field)
+    else:
+        text, messages = text_field(row, config.text_field, where, "; use --text-field"), None
+        context = None
+        if config.context_field:
+            context = text_field(row, config.context_field, where, "; use --context-field")
+        elif config.context_template:
+            context = filled(config.context_template, row, where)
+    doc_id = default
+    if config.id_field is not None:
+        value = field_value(row, config.id_field)
+        if value is MISSING:
+            raise PplError(f"{where} has no id field {config.id_field!r} (fields: {fields_of(row)})", EXIT_DATA)
+        doc_id = str(value)
+    return Document(doc_id, text, context, messages, where)
+
+
+def text_field(row: dict, name: str, where: str, hint: str = "") -> str:
+    text = field_value(row, name)
+    if text is MISSING:
+        raise PplError(f"{where} has no field {name!r} (fields: {fields_of(row)}){hint}", EXIT_DATA)
     if not isinstance(text, str):
-        raise PplError(f"{where}: field {config.text_field!r} is {type(text).__name__}, not a string", EXIT_DATA)
+        raise PplError(f"{where}: field {name!r} is {type(text).__name__}, not a string", EXIT_DATA)
+    check_unicode(text, where, f"field {name!r}")
+    return text
+
+
+def check_unicode(text: str, where: str, what: str) -> None:
     if not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON can spell a lone surrogate (\\ud800), which is not Unicode text
-            raise PplError(f"{where}: field {config.text_field!r} holds a lone surrogate, not valid Unicode", EXIT_DATA) from None
-    doc_id = default
-    if config.id_field is not None:
-        if config.id_field not in row:
-            fields = ", ".join(map(str, row))
-            raise PplError(f"{where} has no id field {config.id_field!r} (fields: {fields})", EXIT_DATA)
-        doc_id = str(row[config.id_field])
-    return Document(doc_id, text)
+            raise PplError(f"{where}: {what} holds a lone surrogate, not valid Unicode", EXIT_DATA) from None
+
+
+def filled(template: str, row: dict, where: str) -> str:
+    """--context-template with each {field} (a dotted path) replaced by the record's value; null reads as ''."""
+    values = {}
+    for name in template_fields(template):
+        value = field_value(row, name)
+        if value is MISSING:
+            raise PplError(f"{where} has no field {name!r} for --context-template (fields: {fields_of(row)})", EXIT_DATA)
+        values[name] = "" if value is None else value if isinstance(value, str) else str(value)
+    text = "".join(literal + (values[name] if name else "") for literal, name, _, _ in string.Formatter().parse(unescape(template)))
+    check_unicode(text, where, "the context")
+    return text
+
+
+def conversation(row: dict, where: str, name: str) -> tuple[dict, ...]:
+    """--messages-field: a list of {"role", "content"} messages (other keys are kept for the chat template)."""
+    messages = field_value(row, name)
+    if messages is MISSING:
+        raise PplError(f"{where} has no field {name!r} (fields: {fields_of(row)}); use --messages-field", EXIT_DATA)
+    if not isinstance(messages, list):
+        raise PplError(f"{where}: field {name!r} is {type(messages).__name__}, not a list of messages", EXIT_DATA)
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise PplError(f"{where}: message {k} of {name!r} is not an object with a \"role\" and a \"content\"", EXIT_DATA)
+        if not isinstance(message["content"], str):
+            kind = type(message["content"]).__name__
+            raise PplError(f"{where}: message {k} of {name!r} has a {kind} content; only text content can be scored", EXIT_DATA)
+        check_unicode(message["content"], where, f"message {k}")
+    return tuple(messages)
+
+
+def fields_of(row: dict) -> str:
+    return ", ".join(map(str, row)) or "none"

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 from ..errors import PplError, PplWarning
-from .windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows, sliding_windows
+from .windows import Window, llama_cpp_windows, lm_eval_windows, recipe_windows, sliding_windows, span_windows
 
 JOIN = "\n\n"  # the HF guide joins its test split with blank lines; llama-cpp gets the same text
 JOINED_ID = "(all documents joined)"
@@ -66,7 +66,9 @@ def resolve_windowing(config, lm) -> Windowing:
     if convention in ("hf-recipe", "lm-eval") and config.add_bos is not None:
         rule = "never adds special tokens" if convention == "hf-recipe" else "always prefixes its prefix token"
         raise PplError(f"--add-bos/--no-add-bos do not apply to --convention {convention}: it {rule}")
-    if convention == "sliding":
+    if config.conditional in ("conversations", "chat-wrap"):
+        add_bos = False  # the chat template writes the special tokens
+    elif convention == "sliding":
         add_bos = config.add_bos if config.add_bos is not None else lm.bos_id is not None
     elif convention == "llama-cpp":  # llama.cpp adds BOS when the model's tokenizer does by default
         add_bos = config.add_bos if config.add_bos is not None else tokenizer_adds_bos(lm.tokenizer)
@@ -116,6 +118,17 @@ def windows(n: int, windowing: Windowing) -> list[Window]:
     if windowing.convention == "llama-cpp":
         return llama_cpp_windows(n, windowing.window)
     return sliding_windows(n, windowing.window, windowing.stride)
+
+
+def conditional_windows(spans, windowing: Windowing) -> list[Window]:
+    """The windows of a document scored given a context: each span's tokens in chunks of the
+    convention's step (sliding: min(stride, window - 1); lm-eval: the window, as its rolling
+    windows are), each chunk read after as much of the preceding context as fits, as lm-eval's
+    loglikelihood reads its context (cut from the left)."""
+    pairs = [(s[0], s[1]) for s in spans]
+    if windowing.convention == "lm-eval":
+        return span_windows(pairs, windowing.window, windowing.window, extra=1)
+    return span_windows(pairs, windowing.window, windowing.step)
 
 
 def first_token_replacement(windowing: Windowing) -> int | None:

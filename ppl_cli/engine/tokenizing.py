@@ -19,25 +19,54 @@ import numpy as np
 from ..data.records import Document
 from ..errors import EXIT_DATA, PplError
 from .conventions import JOIN, JOINED_ID, Windowing, prefix, text_to_score, windows
+from .layouts import Layout
 
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 TOKENIZE_CHARS = 1 << 20  # ... or fewer, when they are long
 QUEUE_BATCHES = 4  # tokenized batches waiting for the scorer
 
 
+class TokenSpan(NamedTuple):
+    """Tokens [start, end) of a sequence are scored; `turn` and `role` name the message they belong to (-1, None: a continuation)."""
+
+    start: int
+    end: int
+    turn: int = -1
+    role: str | None = None
+
+
 class Tokenized(NamedTuple):
     """A document ready to score: its token ids (the convention's prefix first) or, when an earlier
-    run scored it, that run's row and the length of its sequence."""
+    run scored it, that run's row and the length of its sequence.
+
+    A document scored given a context has `spans`, the scored tokens (None: every token after the
+    first), `counted`, the texts whose words and bytes are its own, and with --ifd `alone`, each
+    span's tokens after a prefix token, to be scored as plain documents.
+    """
 
     index: int
     document: Document
     ids: np.ndarray | None  # int32; None when done or when there is nothing to score
     length: int  # tokens in the sequence; 0 when it has nothing to score (skipped)
     done: dict | None = None  # its row in documents.jsonl, written by an earlier run
+    spans: tuple[TokenSpan, ...] | None = None
+    counted: tuple[str, ...] | None = None
+    alone: tuple[np.ndarray, ...] = ()
 
     @property
     def skipped(self) -> bool:
         return self.length == 0
+
+
+class Conditional(NamedTuple):
+    """How documents given a context become sequences: their layout as text (layouts.py), the
+    prefix token a pair's sequence starts with, and --ifd's prefix for a continuation alone."""
+
+    layout: Callable[[Document], Layout]
+    mode: str  # "pairs", "conversations" or "chat-wrap"
+    pair_prefix: list[int]  # sliding: [BOS] under --add-bos; lm-eval: [] (its prefix token only before an empty context)
+    empty_context_prefix: list[int]
+    alone_prefix: int | None  # --ifd: the token before a continuation scored alone; None: no --ifd
 
 
 def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
@@ -76,30 +105,54 @@ def has_tokens_to_score(length: int, windowing: Windowing) -> bool:
     return bool(windows(length, windowing))
 
 
+class BadDocument(Exception):
+    """A document that cannot become a sequence, at position `at` of its batch: the ones before it are still scored."""
+
+    def __init__(self, at: int, error: PplError):
+        super().__init__(str(error))
+        self.at, self.error = at, error
+
+
 def tokenize_documents(
-    documents: Iterable[tuple[int, Document]], encode, windowing: Windowing, done: Iterator[dict]
+    documents: Iterable[tuple[int, Document]], encode, windowing: Windowing, done: Iterator[dict], conditional: Conditional | None = None
 ) -> Iterator[list[Tokenized]]:
     """Batches of tokenized documents in input order; documents done by an earlier run pass by
-    untokenized (their id is checked against the row), empty ones are marked skipped."""
+    untokenized (their id is checked against the row), empty ones are marked skipped. Bad input
+    (unreadable further on, a conversation its template cannot render) ends the stream with its
+    error, after the documents before it."""
     pending: list[tuple[int, Document, dict | None]] = []
     chars = 0
     rows = with_done_rows(documents, done)
+
+    def flush(items) -> Iterator[list[Tokenized]]:
+        try:
+            batch = tokenize_batch(items, encode, windowing, conditional)
+        except BadDocument as e:
+            if e.at:
+                yield tokenize_batch(items[: e.at], encode, windowing, conditional)
+            raise e.error from None
+        yield batch
+
     while True:
         try:
             item = next(rows, None)
         except Exception:
             if pending:  # the documents read before bad input are scored, then the error is reported
-                yield tokenize_batch(pending, encode, windowing)
+                yield from flush(pending)
             raise
         if item is None:
             break
         pending.append(item)
-        chars += len(item[1].text) if item[2] is None else 0
+        chars += text_size(item[1]) if item[2] is None else 0
         if len(pending) >= TOKENIZE_BATCH or chars >= TOKENIZE_CHARS:
-            yield tokenize_batch(pending, encode, windowing)
+            yield from flush(pending)
             pending, chars = [], 0
     if pending:
-        yield tokenize_batch(pending, encode, windowing)
+        yield from flush(pending)
+
+
+def text_size(doc: Document) -> int:
+    return len(doc.text) + len(doc.context or "") + sum(len(m["content"]) for m in doc.messages or ())
 
 
 def with_done_rows(documents: Iterable[tuple[int, Document]], done: Iterator[dict]) -> Iterator[tuple[int, Document, dict | None]]:
@@ -118,19 +171,83 @@ def with_done_rows(documents: Iterable[tuple[int, Document]], done: Iterator[dic
         yield index, doc, row
 
 
-def tokenize_batch(pending: list[tuple[int, Document, dict | None]], encode, windowing: Windowing) -> list[Tokenized]:
+def tokenize_batch(
+    pending: list[tuple[int, Document, dict | None]], encode, windowing: Windowing, conditional: Conditional | None = None
+) -> list[Tokenized]:
+    if conditional is not None:
+        return conditional_batch(pending, encode, conditional)
     todo = [doc.text for _, doc, row in pending if row is None and doc.text.strip()]
     encoded = iter(token_ids(encode, todo, windowing))
     out = []
     for index, doc, row in pending:
         if row is not None:
-            out.append(Tokenized(index, doc, None, row["tokens"] + 1, row))  # every token but the first is scored
+            out.append(Tokenized(index, doc, None, done_length(row), row))
         elif not doc.text.strip():
             out.append(Tokenized(index, doc, None, 0))
         else:
             ids = next(encoded)
             scored = has_tokens_to_score(len(ids), windowing)
             out.append(Tokenized(index, doc, ids if scored else None, len(ids) if scored else 0))
+    return out
+
+
+
+def boundaries(layout: Layout) -> list[int]:
+    """The characters where spans begin or end, after the first, in order; the text's end last."""
+    return sorted({c for s in layout.spans for c in (s.start, s.end) if c > 0} | {len(layout.text)})
+
+
+def done_length(row: dict) -> int:
+    """The length of the sequence an earlier run scored: its scored tokens and the rest it read."""
+    return row["tokens"] + row.get("context_tokens", 1)  # a plain document: every token but the first is scored
+
+
+def conditional_batch(pending: list[tuple[int, Document, dict | None]], encode, conditional: Conditional) -> list[Tokenized]:
+    """Documents given a context: each one's layout, then one tokenizer call for every prefix of its
+    text that ends at a span's boundary, and the text. The sequence is lm-evaluation-harness's
+    pair rule applied at every boundary: the tokens of text[:c1], then those of text[:c2] past
+    the first len(tokens of text[:c1]), and so on to the whole text; where the tokenizer merges
+    nothing across a boundary this is the text's own tokenization."""
+    layouts: list[Layout | None] = []
+    for at, (_, doc, row) in enumerate(pending):
+        try:
+            layouts.append(None if row is not None or doc.empty else conditional.layout(doc))
+        except PplError as e:
+            raise BadDocument(at, e) from None
+    texts: list[str] = []
+    for layout in layouts:
+        if layout is not None:
+            texts += [layout.text[:c] for c in boundaries(layout)]
+    encoded = iter(encode(texts))
+    out = []
+    for (index, doc, row), layout in zip(pending, layouts):
+        if row is not None:
+            out.append(Tokenized(index, doc, None, done_length(row), row))
+            continue
+        if layout is None:
+            out.append(Tokenized(index, doc, None, 0))
+            continue
+        head = conditional.empty_context_prefix if layout.context_empty else conditional.pair_prefix
+        if conditional.mode != "pairs":
+            head = []  # the chat template wrote every special token
+        tokens, position = list(head), {0: len(head)}
+        for c in boundaries(layout):
+            prefix = next(encoded)
+            tokens += prefix[len(tokens) - len(head) :]  # its tokens past the previous prefix's count
+            position[c] = len(tokens)
+        ids = np.array(tokens, dtype=np.int32)
+        spans = []
+        for s in layout.spans:
+            start, end = max(1, position[s.start]), position[s.end]
+            if end > start:
+                spans.append(TokenSpan(start, end, s.turn, s.role))
+        if not spans:
+            out.append(Tokenized(index, doc, None, 0))
+            continue
+        alone = ()
+        if conditional.alone_prefix is not None:
+            alone = tuple(np.concatenate([[conditional.alone_prefix], ids[s.start : s.end]]).astype(np.int32) for s in spans)
+        out.append(Tokenized(index, doc, ids, len(ids), None, tuple(spans), layout.counted, alone))
     return out
 
 

@@ -91,3 +91,22 @@ def llama_cpp_windows(n: int, ctx: int) -> list[Window]:
     dropped), each scoring only its tokens after position ctx/2, i.e. ctx - 1 - ctx/2 tokens."""
     first = ctx // 2
     return [Window(k * ctx, (k + 1) * ctx, k * ctx + first + 1) for k in range(n // ctx)]
+
+
+def span_windows(spans: list[tuple[int, int]], window: int, chunk: int, extra: int = 0) -> list[Window]:
+    """Windows that score each span [a, b) of a sequence once, `chunk` tokens at a time, every window
+    ending where its chunk ends and reading as much of what precedes it as fits.
+
+    A window spans at most window + extra tokens: sliding reads its whole span (extra 0), lm-eval's
+    spans are one longer, of which the model reads the first `window` (extra 1). A scored token in
+    chunk k of its span has at least window + extra - chunk tokens of context, or all before it.
+    Position 0 has no context and is never scored.
+    """
+    if chunk < 1 or chunk > window + extra - 1:
+        raise ValueError("a chunk must leave at least one token of context in its window")
+    out = []
+    for a, b in spans:
+        for start in range(max(a, 1), b, chunk):
+            end = min(start + chunk, b)
+            out.append(Window(max(0, end - window - extra), end, start))
+    return out

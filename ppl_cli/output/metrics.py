@@ -97,7 +97,8 @@ class CorpusTotals:
         self.nll = 0.0
         self.tokens = self.words = self.bytes = 0
         self.macro_sum, self.macro_count = 0.0, 0
-        self.extras: dict[str, float] = {}
+        self.extras: dict[str, float] = {}  # every other number of the rows, summed
+        self.extra_counts: dict[str, int] = {}  # and how many rows had it (not null)
         self.resampled = np.zeros((bootstrap_samples, 3))  # per sample: weighted nll, tokens, bytes
 
     def add(self, docs: Sequence[dict]) -> None:
@@ -114,6 +115,7 @@ class CorpusTotals:
             for key, value in d.items():
                 if key not in ROW_KEYS and isinstance(value, (int, float)):
                     self.extras[key] = self.extras.get(key, 0) + value
+                    self.extra_counts[key] = self.extra_counts.get(key, 0) + 1
         if self.samples:
             self.resampled += poisson_weights(self.rng, (self.samples, len(docs))) @ values  # [B, m] @ [m, 3]
 

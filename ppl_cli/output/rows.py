@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.records import Document
-from ..engine.conventions import Windowing, first_token_replacement, windows
+from ..engine.conventions import Windowing, conditional_windows, first_token_replacement, windows
 from ..engine.tokenizing import Tokenized
 from .kl_statistics import REFERENCE_SUMS, document_histograms
 from .metrics import count_bytes, count_words, unit_metrics
@@ -68,15 +67,19 @@ def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, sink:
             return
         if len(fresh) < len(group):  # a group an earlier run left half-written: score it whole again
             group = [item if item.ids is not None else retokenize(item) for item in group]
-        scores = score_documents(scorer, [item.ids for item in group], windowing, on_tokens)
-        fresh_scores = [(item, s) for item, s in zip(group, scores) if item.done is None]
-        rows = [document_result(item.index, item.document, s, windowing) for item, s in fresh_scores]
-        values = [(item.index, s, token_values(s)) for item, s in fresh_scores]
-        side = {CONTEXTS_STEM: [context_line(index, s, v["nll"]) for index, s, v in values]}
+        sequences = [item.ids for item in group] + [ids for item in group for ids in item.alone]  # --ifd: each continuation alone too
+        spans = [item.spans for item in group] + [None] * (len(sequences) - len(group))
+        scores = score_documents(scorer, sequences, windowing, on_tokens, spans)
+        alone = iter(scores[len(group) :])
+        fresh_scores = [(item, s, [next(alone) for _ in item.alone]) for item, s in zip(group, scores[: len(group)])]
+        fresh_scores = [(item, s, a) for item, s, a in fresh_scores if item.done is None]
+        rows = [document_result(item, s, windowing, a) for item, s, a in fresh_scores]
+        values = [(item, s, token_values(s)) for item, s, _ in fresh_scores]
+        side = {CONTEXTS_STEM: [context_line(item.index, s, v["nll"]) for item, s, v in values]}
         if scorer.reference is not None:
-            side[REFERENCE_STEM] = [document_histograms(index, v) for index, _, v in values]
+            side[REFERENCE_STEM] = [document_histograms(item.index, v) for item, _, v in values]
         if write_tokens is not None:
-            write_tokens([(index, scored_positions(s), v) for index, s, v in values])
+            write_tokens([(item, scored_positions(s), v) for item, s, v in values])
         sink.append(rows, side)
         new = iter(rows)
         sink.final([item.done or next(new) for item in group])
@@ -114,8 +117,11 @@ def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> It
         yield group
 
 
-def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens: Callable[[int], None] | None) -> list[list[tuple]]:
-    """For each token sequence, its windows with what the scorer found (Scored), in order."""
+def score_documents(
+    scorer, sequences: Sequence, windowing: Windowing, on_tokens: Callable[[int], None] | None, spans: Sequence | None = None
+) -> list[list[tuple]]:
+    """For each token sequence, its windows with what the scorer found (Scored), in order. A
+    sequence with scored `spans` (a document given a context) gets the conditional windows."""
     import torch
 
     from ..engine.scorer import Job
@@ -124,7 +130,8 @@ def score_documents(scorer, sequences: Sequence, windowing: Windowing, on_tokens
     jobs, owners = [], []
     for d, ids in enumerate(sequences):
         tokens = torch.as_tensor(ids, dtype=torch.long)  # [n]
-        for w in windows(len(ids), windowing):
+        scored_spans = spans[d] if spans is not None else None
+        for w in windows(len(ids), windowing) if scored_spans is None else conditional_windows(scored_spans, windowing):
             span = tokens[w.begin : w.end]
             if replacement is not None:
                 span = span.clone()
@@ -174,12 +181,25 @@ def summed(scored: list[tuple]) -> dict[str, float]:
     return total
 
 
-def document_result(index: int, doc: Document, scored: list[tuple], windowing: Windowing) -> dict:
-    """A document's metrics; word and byte counts always come from the original text."""
+def document_result(item: Tokenized, scored: list[tuple], windowing: Windowing, alone: list[list[tuple]] = ()) -> dict:
+    """A document's metrics. Words and bytes come from the original text, or for a document given a
+    context from what is scored of it (the continuation, the scored turns' contents)."""
+    doc = item.document
     sums = summed(scored)
     tokens = sum(w.end - w.score_from for w, _ in scored)
-    words = count_words(doc.text, windowing.convention)
-    row = {"index": index, "id": doc.id, **unit_metrics(sums["nll_sum"], tokens, words, count_bytes(doc.text))}
+    counted = item.counted if item.counted is not None else (doc.text,)
+    words = sum(count_words(text, windowing.convention) for text in counted)
+    n_bytes = sum(count_bytes(text) for text in counted)
+    row = {"index": item.index, "id": doc.id, **unit_metrics(sums["nll_sum"], tokens, words, n_bytes)}
+    if item.spans is not None:
+        row["context_tokens"] = item.length - tokens
+        if item.spans[0].turn >= 0:
+            row["turns"] = len({s.turn for s in item.spans})
+        row["context_cut"] = context_cut(scored, item.spans)
+    if alone:
+        unconditional = sum(summed(windows_of_span)["nll_sum"] for windows_of_span in alone)
+        row["unconditional_nll_sum"] = unconditional
+        row["ifd"] = row["nll_sum"] / unconditional if unconditional > 0 else None
     if windowing.convention == "hf-recipe":
         row.update(published_normalisation(scored))
     if windowing.convention == "llama-cpp":
@@ -188,6 +208,12 @@ def document_result(index: int, doc: Document, scored: list[tuple], windowing: W
         row.update({key: sums[key] for key in REFERENCE_SUMS})
         row["same_top"] = int(round(row["same_top"]))
     return row
+
+
+def context_cut(scored: list[tuple], spans) -> bool:
+    """Whether the window of some span's first token could not read everything before it."""
+    starts = {s.start for s in spans}
+    return any(w.begin > 0 for w, _ in scored if w.score_from in starts)
 
 
 def published_normalisation(scored: list[tuple]) -> dict:

@@ -41,6 +41,8 @@ def build_summary(
             for name, histogram in histograms.items():
                 histogram.add(line[name])
         extra["reference"] = reference_summary({**totals.extras, "nll_sum": totals.nll}, totals.tokens, histograms, reference_info)
+    if config.conditional:
+        extra["conditional"] = conditional_summary(config, totals)
     return {
         **metrics,
         "documents": totals.documents,
@@ -57,6 +59,29 @@ def build_summary(
         # Scored tokens per second of scoring time, counting only what this process scored (not a resume's earlier part).
         "tokens_per_second": scored_now / scoring if scored_now and scoring else None,
     }
+
+
+def conditional_summary(config: Config, totals) -> dict:
+    """What a run of documents scored given a context adds: its mode, the context read, how often a
+    context was cut, the scored turns, and with --ifd the continuations scored alone."""
+    extras, counts = totals.extras, totals.extra_counts
+    out = {
+        "mode": config.conditional,
+        "context_tokens": int(extras.get("context_tokens", 0)),
+        "context_cut_documents": int(extras.get("context_cut", 0)),
+    }
+    if config.conditional == "conversations":
+        out["turns"] = int(extras.get("turns", 0))
+        out["score_roles"] = list(config.score_roles)
+    if config.ifd:
+        alone = extras.get("unconditional_nll_sum", 0.0)
+        out["ifd"] = {
+            "unconditional_nll_sum": alone,
+            "unconditional_token_perplexity": perplexity(alone, totals.tokens),
+            "corpus_ifd": totals.nll / alone if alone > 0 else None,
+            "mean_ifd": extras["ifd"] / counts["ifd"] if counts.get("ifd") else None,
+        }
+    return out
 
 
 def context_curve(lines: Iterable[dict]) -> dict:
@@ -96,8 +121,11 @@ def data_description(sources: list[Source], config: Config, documents: int, fing
     return out
 
 
-def run_identity(config: Config, model_info: dict, sources: list[Source], windowing: Windowing, reference_info: dict | None) -> dict:
-    """What run.json records: what must not change when a run resumes, or between shards to merge."""
+def run_identity(
+    config: Config, model_info: dict, sources: list[Source], windowing: Windowing, reference_info: dict | None, conditional: dict | None = None
+) -> dict:
+    """What run.json records: what must not change when a run resumes, or between shards to merge.
+    `conditional`: how documents are scored given a context (the mode, the chat template's hash)."""
     return {
         "model": config.model,
         "revision": config.revision,
@@ -112,6 +140,7 @@ def run_identity(config: Config, model_info: dict, sources: list[Source], window
         "reference_model": config.reference_model,
         "reference_dtype": reference_info["dtype"] if reference_info else None,
         "save_tokens": config.save_tokens,
+        "conditional": conditional,
     }
 
 
@@ -124,8 +153,8 @@ def input_identity(sources: list[Source], config: Config) -> dict:
         "data": list(config.data),
         "data_files": f"{len(files)} files, {sum(size or 0 for _, size in files):,} bytes, names and sizes #{names_and_sizes}",
         "data_options": {
-            key: getattr(config, key)
-            for key in ("data_config", "split", "streaming", "text_field", "id_field", "doc_split", "encoding_errors", "limit")
+            **{key: getattr(config, key) for key in ("data_config", "split", "streaming", "text_field", "id_field", "doc_split", "encoding_errors", "limit")},
+            **{key: getattr(config, key) for key in ("context_field", "context_template", "messages_field") if getattr(config, key)},
         },
     }
 
@@ -177,6 +206,19 @@ def format_summary(summary: dict) -> str:
         f"word perplexity   {number(summary['word_perplexity'])}",
         f"byte perplexity   {number(summary['byte_perplexity'])}",
         f"bits per byte     {number(summary['bits_per_byte'])}{ci('bits_per_byte')}",
+    ]
+    conditional = summary.get("conditional")
+    if conditional:
+        cut = conditional["context_cut_documents"]
+        lines.append(
+            f"scored given a context ({conditional['mode']}): {conditional['context_tokens']:,} context tokens read"
+            + (f", {conditional['turns']:,} turns scored" if "turns" in conditional else "")
+            + (f", {cut:,} contexts cut to fit the window" if cut else "")
+        )
+        if "ifd" in conditional:
+            ifd = conditional["ifd"]
+            lines.append(f"IFD               {number(ifd['mean_ifd'])} mean over documents, {number(ifd['corpus_ifd'])} over the corpus")
+    lines += [
         f"{summary['wall_time_s']:.1f} s in all, {summary['tokens_per_second'] or 0:,.0f} tokens/s scoring"
         + (f"; reports in {summary['config']['output']}" if summary["config"]["output"] else ""),
     ]

@@ -1,4 +1,4 @@
-"""--save-tokens: every scored token to Parquet, tokens/part-NNNNNNNNNNNN.parquet, as the run goes.
+"""--save-tokens: every scored token (and a conditional document's context) to Parquet, tokens/part-NNNNNNNNNNNN.parquet.
 
 Each group of documents writes one part (named by its first document's index) before its rows go
 to documents.jsonl, atomically (a temp file renamed). A kill can leave a part whose documents have
@@ -42,14 +42,21 @@ class TokenPieces:
         return out
 
 
-def document_table(index: int, positions: np.ndarray, tokens: dict[str, np.ndarray], pieces: TokenPieces) -> dict:
-    """One document's columns: position in its token sequence, the token, log p, entropy, rank."""
+VALUES = ("logprob", "entropy", "rank", "ref_logprob", "kld")  # null on a context token
+
+
+def document_table(index: int, positions: np.ndarray, tokens: dict[str, np.ndarray], pieces: TokenPieces, item=None) -> dict:
+    """One document's columns: position in its token sequence, the token, log p, entropy, rank.
+
+    A document scored given a context (`item` has spans) gets every token of its sequence in
+    position order, `scored` telling which were scored (the others are context: their values are
+    null), and for a conversation the message (`turn`, its index) and `role` of each scored token.
+    """
     n = len(positions)
     columns = {
         "index": np.full(n, index, dtype=np.int64),
         "position": positions.astype(np.int32),
         "token_id": tokens["token_id"].astype(np.int32),
-        "token": pieces(tokens["token_id"]),
         "logprob": (-tokens["nll"]).astype(np.float32),
         "entropy": tokens["entropy"].astype(np.float32),
         "rank": tokens["rank"].astype(np.int32),
@@ -57,24 +64,68 @@ def document_table(index: int, positions: np.ndarray, tokens: dict[str, np.ndarr
     if "ref_nll" in tokens:
         columns["ref_logprob"] = (-tokens["ref_nll"]).astype(np.float32)
         columns["kld"] = tokens["kld"].astype(np.float32)
-    return columns
+    if item is not None and item.spans is not None:
+        columns = with_context(columns, item)
+    columns["token"] = pieces(columns["token_id"])
+    order = ["index", "position", "token_id", "token", "scored", "turn", "role", *VALUES]
+    return {name: columns[name] for name in order if name in columns}
+
+
+def with_context(columns: dict, item) -> dict:
+    """Every position of the sequence: the scored tokens' values where they are, context elsewhere."""
+    n = len(item.ids)
+    scored = np.zeros(n, dtype=bool)
+    scored[columns["position"]] = True
+    out = {
+        "index": np.full(n, item.index, dtype=np.int64),
+        "position": np.arange(n, dtype=np.int32),
+        "token_id": item.ids.astype(np.int32),
+        "scored": scored,
+    }
+    for name in VALUES:
+        if name in columns:
+            full = np.zeros(n, dtype=columns[name].dtype)
+            full[columns["position"]] = columns[name]
+            out[name] = full
+    if item.spans[0].turn >= 0:
+        turn = np.full(n, -1, dtype=np.int32)
+        role = [None] * n
+        for s in item.spans:
+            turn[s.start : s.end] = s.turn
+            role[s.start : s.end] = [s.role] * (s.end - s.start)
+        out["turn"], out["role"] = turn, role
+    return out
 
 
 def write_part(folder: Path, tables: list[dict]) -> None:
     """One group's documents as one Parquet part, written to a temp file and renamed."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if not tables:
         return
-    table = pa.table({name: concat([t[name] for t in tables]) for name in tables[0]})
+    columns = {name: concat([t[name] for t in tables]) for name in tables[0]}
+    if "scored" in columns:  # a context token's values are null, and so is its turn
+        context = ~columns["scored"]
+        for name in (*VALUES, "turn"):
+            if name in columns:
+                columns[name] = pa.array(columns[name], mask=context)
+    table = pa.table(columns)
     path = part_path(folder, int(tables[0]["index"][0]))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with writing(path):
+        path.parent.mkdir(exist_ok=True)
+        write_parquet(table, tmp, path)
+
+
+def write_parquet(table, tmp: Path, path: Path) -> None:
+    """`table` to `tmp`, renamed to `path`; on failure the temp file is closed and removed (a
+    full disk must not leave an open file behind in a long-lived process)."""
+    import pyarrow.parquet as pq
+
     try:
-        with writing(path):
-            path.parent.mkdir(exist_ok=True)
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -108,9 +159,7 @@ def keep_only_done(folder: Path, done: Iterable[int]) -> None:
             if table.num_rows == 0:
                 part.unlink()
                 continue
-            tmp = part.with_name(f".{part.name}.tmp")
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, part)
+            write_parquet(table, part.with_name(f".{part.name}.tmp"), part)
 
 
 def copy_parts(sources: list[Path], target: Path) -> None:
