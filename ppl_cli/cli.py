@@ -51,6 +51,10 @@ def cli():
 @click.option("--chat-wrap", is_flag=True, help="Score each plain document as the assistant's reply to --chat-prompt.")
 @click.option("--chat-prompt", help="The user turn that --chat-wrap puts before each document.")
 @click.option("--ifd", is_flag=True, help="Also score each continuation without its context: unconditional_nll_sum and ifd.")
+@click.option("--group-by", help="Report metrics per group: a field (dotted path), file (the source file) or dir (its folder).")
+@click.option("--max-groups", type=int, help="More groups than this is an error (default: 10000).")
+@click.option("--sample-per-group", type=int, help="Estimate from a seeded sample of N documents a group (with --group-by).")
+@click.option("--sample", type=float, help="Estimate from a seeded sample of this share of the documents, in (0, 1].")
 @click.option("--convention", type=click.Choice(CONVENTIONS), help="Whose windows and counts: sliding (default), hf-recipe, lm-eval, llama-cpp.")
 @click.option("--detokenize", type=click.Choice(DETOKENIZERS), help="wikitext: lm-eval's WikiText detokenizer before scoring.")
 @click.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
@@ -118,11 +122,13 @@ def print_rows(rows: list[dict]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the merged summary.json to stdout and nothing else.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def merge(dirs, output, allow_partial, overwrite, as_json, debug):
-    """Combine the result directories of `run --shard I/N` into one report.
+    """Combine result directories into one report: the shards of one run (`run --shard I/N`), or
+    whole runs over different data, one after the other.
 
     \b
-    Example:
+    Examples:
       ppl-eval merge results/shard-* -o results/all
+      ppl-eval merge results/paloma/c4 results/paloma/m2d2 -o results/paloma-all   # runs made with --group-by file
     """
 
     def work():
@@ -208,6 +214,7 @@ def report(runs, output, png, documents, tokens, debug):
 @click.option("--buckets", help="Percentile cut points, e.g. 30,60: one output per bucket (head, middle, tail for two).")
 @click.option("--format", "format_", type=click.Choice([f[1:] for f in SELECT_FORMATS]), help="The buckets' file format (default: jsonl).")
 @click.option("--data", multiple=True, help="Read the records from here instead of the run's own source (its fingerprint must match).")
+@click.option("--group-by", help="Cut points and bands within each group: a field, file or dir (as CCNet cuts each language).")
 @click.option("--allow-partial", is_flag=True, help="Select from a partial run (a merge with missing shards, one shard, a run not finished).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print the selection (what selection.json holds) as JSON.")

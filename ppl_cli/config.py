@@ -64,6 +64,11 @@ class Config:
     chat_wrap: bool = False  # each plain document as the assistant's reply to chat_prompt
     chat_prompt: str = DEFAULT_CHAT_PROMPT
     ifd: bool = False  # also score each continuation without its context: unconditional_nll_sum and ifd
+    # Domains
+    group_by: str | None = None  # a field (dotted path), `file` or `dir`: metrics per group
+    max_groups: int = 10_000
+    sample_per_group: int | None = None  # score a seeded sample of this many documents a group: an estimate
+    sample: float | None = None  # or of this share of every group
     # Windows
     convention: str = "sliding"  # sliding, hf-recipe, lm-eval or llama-cpp
     detokenize: str = "none"  # "wikitext": lm-eval's WikiText detokenizer before scoring
@@ -100,7 +105,8 @@ class Config:
             raise PplError(f"detokenize must be one of {', '.join(DETOKENIZERS)}, not {self.detokenize!r}")
         if self.encoding_errors not in ENCODING_ERRORS:
             raise PplError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}")
-        for name, low in (("limit", 1), ("window", 2), ("stride", 1), ("max_batch_tokens", 1), ("threads", 1)):
+        for name, low in (("limit", 1), ("window", 2), ("stride", 1), ("max_batch_tokens", 1), ("threads", 1), ("max_groups", 1),
+                          ("sample_per_group", 1)):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < low:
                 raise PplError(f"{name.replace('_', '-')} must be at least {low}, got {value}")
@@ -116,6 +122,20 @@ class Config:
             if getattr(self, flag) and not self.output:
                 raise PplError(f"--{flag.replace('_', '-')} needs an output directory (-o/--output)")
         self.check_conditional()
+        if self.group_by is not None and not self.group_by.strip():
+            raise PplError("--group-by needs a field name (a dotted path), file or dir")
+        if self.sample is not None and not 0 < self.sample <= 1:
+            raise PplError(f"--sample must be a share of the documents in (0, 1], not {self.sample}")
+        if self.sample is not None and self.sample_per_group is not None:
+            raise PplError("--sample and --sample-per-group are two ways to sample; choose one")
+        if self.sample_per_group is not None and not self.group_by:
+            raise PplError("--sample-per-group needs --group-by (the groups to sample from)")
+        if self.sampled and self.convention in ("hf-recipe", "llama-cpp"):
+            raise PplError(f"sampling documents needs a convention that scores each document on its own, not {self.convention}")
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample is not None or self.sample_per_group is not None
 
     @property
     def conditional(self) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from .config import Config
 from .data.documents import DocumentStream, add_fingerprints, fingerprint
+from .data.sampling import sampled
 from .data.sharding import share
 from .data.sources import resolve_sources
 from .engine.conventions import JOINED_CONVENTIONS, resolve_windowing
@@ -51,18 +53,19 @@ def evaluate_ranks(config: Config, ranks, progress: bool, stdin, on_rows) -> Res
     if ranks.world > 1 and "-" in config.data:
         raise PplError("--data - (standard input) cannot be shared between torchrun ranks; use a file")
     sources = resolve_sources(config)
-    stream = DocumentStream(sources, config, share(config.shard, ranks.rank, ranks.world, joined_convention(config)), stdin)
+    plan = sample_plan(config, sources) if config.sampled else None
+    stream = DocumentStream(sources, config, sampled(share(config.shard, ranks.rank, ranks.world, joined_convention(config)), plan), stdin)
     stream.check()
     run_dir, spool = open_run_directory(config, ranks)
     try:
-        return score_into(run_dir, spool, config, ranks, sources, stream, progress, on_rows, started)
+        return score_into(run_dir, spool, config, ranks, sources, stream, progress, on_rows, started, plan)
     except WriteError as e:
         raise PplError(resumable(e, run_dir), e.exit_code) from None
     finally:
         run_dir.close()
 
 
-def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, stream, progress: bool, on_rows, started: float) -> Result:
+def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, stream, progress: bool, on_rows, started: float, plan) -> Result:
     """Load the model, score this process's documents into run_dir, and (rank 0) write the summary."""
     import torch
 
@@ -108,8 +111,9 @@ def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, str
         missing = [r for r, (t, _, _) in enumerate(parts) if t.scored and ranks.world > 1 and not run_dir.rank_file(r).exists()]
         if missing:
             raise PplError(f"{run_dir.rank_file(missing[0])} is missing: is {run_dir.path} on a filesystem every node shares?")
-        data_info = data_description(sources, config, max(n for _, _, n in parts), add_fingerprints(fingerprint(d) for _, d, _ in parts))
-        skipped = sum(t.skipped for t, _, _ in parts)
+        sampling = plan.describe() if plan is not None else None
+        data_info = data_description(sources, config, max(n for _, _, n in parts), add_fingerprints(fingerprint(d) for _, d, _ in parts), sampling)
+        skipped = sum((t.skipped for t, _, _ in parts), Counter())
 
         def summarize(rows, reference=(), contexts=()):
             timings = {
@@ -124,13 +128,27 @@ def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, str
             return {**summary, "ranks": ranks.world}
 
         try:
-            summary = run_dir.finish(summarize)
+            summary = run_dir.finish(summarize, grouped=config.group_by is not None)
         except PplError as e:  # every rank raises it, not rank 0 alone while the others wait
             failure = (resumable(e, run_dir), e.exit_code)
     summary, failure = ranks.broadcast((summary, failure))
     if failure:
         raise PplError(*failure)
     return Result(summary, run_dir.documents, spool)
+
+
+def sample_plan(config: Config, sources):
+    """--sample: a share, decided document by document; --sample-per-group: a scan of the whole
+    input first, for every group's documents (the sampled ones and the population)."""
+    from .data.sampling import per_group_plan, share_plan
+
+    if config.sample is not None:
+        return share_plan(config.sample, config.seed)
+    if "-" in config.data:
+        raise PplError("--sample-per-group reads the input twice (a scan, then the sample), which standard input cannot do; use a file")
+    scan = DocumentStream(sources, config)
+    scan.check()
+    return per_group_plan(((index, doc.group) for index, doc in scan), config.sample_per_group, config.seed)
 
 
 def resumable(error: PplError, run_dir: RunDirectory) -> str:

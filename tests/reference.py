@@ -148,3 +148,22 @@ def chunked_nll(model, ids: list[int], spans: list[tuple[int, int]], window: int
             logprobs = token_logprobs(model, ids[begin:end])
             total -= sum(logprobs[j - begin - 1].item() for j in range(start, end))
     return total
+
+
+def poisson_weights_by_hand(seed: int, samples: int, n: int, chunk: int):
+    """The documented resampling weights [samples, n]: numpy default_rng(seed), documents in order,
+    `chunk` at a time, u = integers(0, 2^32, (samples, chunk), uint32), and each weight the number of
+    thresholds round(2^32 P(X <= k)), X ~ Poisson(1), that u reaches (inversion of the CDF)."""
+    import math
+
+    import numpy as np
+
+    cdf = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(20)])
+    thresholds = np.array([min(round(c * 2**32), 2**32) for c in cdf], dtype=np.uint64)
+    rng = np.random.default_rng(seed)
+    out = np.zeros((samples, n))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        u = rng.integers(0, 2**32, size=(samples, stop - start), dtype=np.uint32).astype(np.uint64)
+        out[:, start:stop] = (u[..., None] >= thresholds).sum(-1)
+    return out

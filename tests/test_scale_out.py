@@ -138,7 +138,7 @@ def test_merge_refuses_missing_duplicate_and_foreign_shards(three_shards, tiny_l
     assert "split the data differently" in merge(s0, str(four), "-o", out).stderr
     unsharded = tmp_path / "unsharded"
     run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "-o", str(unsharded))
-    assert "was run without --shard" in merge(s0, str(unsharded), "-o", out).stderr
+    assert "is a whole run and" in merge(s0, str(unsharded), "-o", out).stderr and "merge the shards of each run first" in merge(s0, str(unsharded), "-o", out).stderr
     assert "is not a finished ppl-eval run" in merge(s0, str(tmp_path / "nothing"), "-o", out).stderr
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.records import MISSING_GROUP
 from ..engine.conventions import Windowing
 from ..errors import EXIT_DATA, PplError
 from ..output.metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
@@ -26,6 +27,9 @@ METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplex
 UNITS = ("tokens", "words", "bytes")  # the denominators, in the column order of the sums below
 METRIC_UNIT = {"token_perplexity": 0, "bits_per_byte": 2, "word_perplexity": 1, "byte_perplexity": 2}
 SAME_RUN_KEYS = ("convention", "window", "step", "add_bos", "detokenize")
+GROUP_METRICS = ("token_perplexity", "bits_per_byte")  # compared per group (memory: 4 sums x runs x resamples a group)
+ALPHA = 0.05  # "significant" after Holm's adjustment
+MIN_GROUP_DOCUMENTS = 5  # a smaller group gets no p-value: its resamples barely vary
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ def metric_value(metric: str, nll: np.ndarray | float, units: np.ndarray | float
 def compare_runs(config: CompareConfig) -> dict:
     runs = [read_run(Path(p)) for p in config.runs]
     matched = check_comparable(runs, config)
-    totals = PairedTotals(len(runs), config.bootstrap_samples, config.seed, config.top)
+    totals = PairedTotals(len(runs), config.bootstrap_samples, config.seed, config.top, grouped="groups" in runs[0].summary)
     for rows in joined_rows(runs, matched):
         totals.add(rows)
     if totals.documents == 0:
@@ -138,77 +142,19 @@ def joined_rows(runs: list[Run], by_id: bool) -> Iterator[list[dict]]:
         heads = [next(s, None) if h["index"] == index else h for h, s in zip(heads, streams)]
 
 
-class PairedTotals:
-    """Sums per run, the same Poisson resamples for every run, and the most changed documents."""
+class PairedSums:
+    """Each run's sums over a set of documents (nll, tokens, words, bytes) and over each resample."""
 
-    def __init__(self, runs: int, samples: int, seed: int, top: int):
-        self.runs, self.samples, self.top = runs, samples, top
-        self.rng = np.random.default_rng(seed)
-        self.seed = seed
-        self.chunk = max(1, BOOTSTRAP_ELEMENTS // samples)
-        self.pending: list[np.ndarray] = []
-        self.sums = np.zeros((runs, 4))  # per run: nll, tokens, words, bytes
+    def __init__(self, runs: int, samples: int):
+        self.sums = np.zeros((runs, 4))
         self.resampled = np.zeros((samples, runs, 4))
         self.documents = 0
-        self.better = np.zeros(runs, dtype=np.int64)  # documents whose NLL per token went down against the baseline
-        self.worse = np.zeros(runs, dtype=np.int64)
-        self.improved: list[list] = [[] for _ in range(runs)]  # heaps of (-change, index, id)
-        self.worsened: list[list] = [[] for _ in range(runs)]
 
-    def add(self, rows: list[dict]) -> None:
-        values = np.array([[r["nll_sum"], r["tokens"], r["words"], r["bytes"]] for r in rows], dtype=np.float64)  # [R, 4]
-        self.sums += values
-        self.pending.append(values)
-        self.documents += 1
-        base = rows[0]
-        for r in range(1, self.runs):
-            row = rows[r]
-            if not (row["tokens"] and base["tokens"]):
-                continue
-            change = row["nll_sum"] / row["tokens"] - base["nll_sum"] / base["tokens"]  # nats per token
-            self.better[r] += change < 0
-            self.worse[r] += change > 0
-            keep(self.improved[r], (-change, -row["index"], row["index"], row["id"]), self.top)
-            keep(self.worsened[r], (change, -row["index"], row["index"], row["id"]), self.top)
-        if len(self.pending) == self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        values = np.stack(self.pending)  # [m, R, 4]
-        weights = poisson_weights(self.rng, (self.samples, len(values)))  # [B, m]
+    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
+        """`values` [m, R, 4]: m documents' sums in every run; `weights` [B, m]: their resampling weights."""
+        self.sums += values.sum(axis=0)
         self.resampled += np.einsum("bm,mrk->brk", weights, values)
-        self.pending = []
-
-    def report(self, runs: list[Run], matched_by_id: bool) -> dict:
-        self.flush()
-        out = []
-        for r in range(1, self.runs):
-            entry = {"baseline": runs[0].name, "run": runs[r].name}
-            for metric in METRICS:
-                entry[metric] = self.paired(metric, r)
-            scored = int(self.better[r] + self.worse[r])
-            entry["documents"] = {
-                "compared": self.documents,
-                "better": int(self.better[r]),
-                "worse": int(self.worse[r]),
-                "better_share": self.better[r] / self.documents,
-                "unchanged": self.documents - scored,
-                "baseline_documents": runs[0].summary["documents"],
-                "run_documents": runs[r].summary["documents"],
-            }
-            entry["most_improved"] = listed(self.improved[r], improved=True)
-            entry["most_worsened"] = listed(self.worsened[r], improved=False)
-            out.append(entry)
-        report = {**{k: v for k, v in out[0].items() if k not in ("baseline", "run")}} if len(out) == 1 else {}
-        return {
-            "baseline": runs[0].name,
-            "runs": out,
-            **report,
-            "bootstrap": {"samples": self.samples, "seed": self.seed, "method": "paired poisson", "confidence": 0.95},
-            "matched_by": "index and id" if matched_by_id else "index",
-        }
+        self.documents += len(values)
 
     def paired(self, metric: str, r: int) -> dict:
         """Both values, their difference, its 95% paired bootstrap interval and a two-sided p-value."""
@@ -229,6 +175,124 @@ class PairedTotals:
             "ci": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))],
             "p_value": paired_p_value(deltas, delta),
         }
+
+
+class PairedTotals:
+    """Sums per run, the same Poisson resamples for every run, and the most changed documents; with
+    groups (the baseline rows' `group`), the same per group, with the same weights."""
+
+    def __init__(self, runs: int, samples: int, seed: int, top: int, grouped: bool = False):
+        self.runs, self.samples, self.top = runs, samples, top
+        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.chunk = max(1, BOOTSTRAP_ELEMENTS // samples)
+        self.pending: list[np.ndarray] = []
+        self.pending_groups: list[str] = []
+        self.corpus = PairedSums(runs, samples)
+        self.groups: dict[str, PairedSums] | None = {} if grouped else None
+        self.documents = 0
+        self.better = np.zeros(runs, dtype=np.int64)  # documents whose NLL per token went down against the baseline
+        self.worse = np.zeros(runs, dtype=np.int64)
+        self.improved: list[list] = [[] for _ in range(runs)]  # heaps of (-change, index, id)
+        self.worsened: list[list] = [[] for _ in range(runs)]
+
+    def add(self, rows: list[dict]) -> None:
+        values = np.array([[r["nll_sum"], r["tokens"], r["words"], r["bytes"]] for r in rows], dtype=np.float64)  # [R, 4]
+        self.pending.append(values)
+        if self.groups is not None:
+            self.pending_groups.append(rows[0].get("group", MISSING_GROUP))
+        self.documents += 1
+        base = rows[0]
+        for r in range(1, self.runs):
+            row = rows[r]
+            if not (row["tokens"] and base["tokens"]):
+                continue
+            change = row["nll_sum"] / row["tokens"] - base["nll_sum"] / base["tokens"]  # nats per token
+            self.better[r] += change < 0
+            self.worse[r] += change > 0
+            keep(self.improved[r], (-change, -row["index"], row["index"], row["id"]), self.top)
+            keep(self.worsened[r], (change, -row["index"], row["index"], row["id"]), self.top)
+        if len(self.pending) == self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = np.stack(self.pending)  # [m, R, 4]
+        weights = poisson_weights(self.rng, (self.samples, len(values)))  # [B, m]
+        self.corpus.add(values, weights)
+        if self.groups is not None:
+            members: dict[str, list[int]] = {}
+            for k, name in enumerate(self.pending_groups):
+                members.setdefault(name, []).append(k)
+            for name, ks in members.items():
+                at = np.array(ks)
+                self.groups.setdefault(name, PairedSums(self.runs, self.samples)).add(values[at], weights[:, at])
+        self.pending, self.pending_groups = [], []
+
+    def report(self, runs: list[Run], matched_by_id: bool) -> dict:
+        self.flush()
+        out = []
+        for r in range(1, self.runs):
+            entry = {"baseline": runs[0].name, "run": runs[r].name}
+            for metric in METRICS:
+                entry[metric] = self.corpus.paired(metric, r)
+            scored = int(self.better[r] + self.worse[r])
+            entry["documents"] = {
+                "compared": self.documents,
+                "better": int(self.better[r]),
+                "worse": int(self.worse[r]),
+                "better_share": self.better[r] / self.documents,
+                "unchanged": self.documents - scored,
+                "baseline_documents": runs[0].summary["documents"],
+                "run_documents": runs[r].summary["documents"],
+            }
+            entry["most_improved"] = listed(self.improved[r], improved=True)
+            entry["most_worsened"] = listed(self.worsened[r], improved=False)
+            if self.groups is not None:
+                entry.update(self.group_report(r))
+            out.append(entry)
+        report = {**{k: v for k, v in out[0].items() if k not in ("baseline", "run")}} if len(out) == 1 else {}
+        return {
+            "baseline": runs[0].name,
+            "runs": out,
+            **report,
+            "bootstrap": {"samples": self.samples, "seed": self.seed, "method": "paired poisson", "confidence": 0.95},
+            "matched_by": "index and id" if matched_by_id else "index",
+        }
+
+    def group_report(self, r: int) -> dict:
+        """Every group's paired comparison of run r with the baseline, and Holm-adjusted p-values
+        across the groups, a metric at a time."""
+        names = sorted(self.groups)
+        groups = [{"group": name, "documents": self.groups[name].documents} for name in names]
+        significant = {}
+        for metric in GROUP_METRICS:
+            results = [self.groups[name].paired(metric, r) for name in names]
+            for name, m in zip(names, results):
+                if self.groups[name].documents < MIN_GROUP_DOCUMENTS:  # the bootstrap cannot judge so few
+                    m["p_value"] = None
+            adjusted = holm([m["p_value"] for m in results])
+            for g, m, p in zip(groups, results, adjusted):
+                g[metric] = {**m, "p_holm": p}
+            significant[metric] = sum(p is not None and p < ALPHA for p in adjusted)
+        return {
+            "groups": groups,
+            "groups_significant": {**significant, "of": len(names), "alpha": ALPHA, "adjustment": "holm"},
+        }
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment: with the m p-values sorted ascending, p_(i) becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)) (j from 1); a missing p-value stays missing and is not counted."""
+    present = sorted((p, k) for k, p in enumerate(p_values) if p is not None)
+    m = len(present)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for j, (p, k) in enumerate(present):
+        running = max(running, min(1.0, (m - j) * p))
+        out[k] = running
+    return out
 
 
 def paired_p_value(deltas: np.ndarray, observed: float) -> float:
@@ -276,7 +340,31 @@ def format_comparison(report: dict) -> str:
             if entry[key]:
                 shown = ", ".join(f"{d['id'] or d['index']} ({d['change_nats_per_token']:+.3f})" for d in entry[key])
                 lines.append(f"  {label} (nats/token): {shown}")
+        if "groups" in entry:
+            lines += group_lines(entry)
     return "\n".join(lines)
+
+
+GROUPS_SHOWN = 10
+
+
+def group_lines(entry: dict) -> list[str]:
+    """Per group: how many differ significantly (Holm), then the groups that changed most in token perplexity."""
+    sig = entry["groups_significant"]
+    lines = [
+        f"  per group: token perplexity differs in {sig['token_perplexity']} of {sig['of']} groups, bits per byte in"
+        f" {sig['bits_per_byte']} (Holm-adjusted p < {sig['alpha']})"
+    ]
+    ranked = sorted(entry["groups"], key=lambda g: -abs(g["token_perplexity"]["delta"]) if math.isfinite(g["token_perplexity"]["delta"]) else 0)
+    width = min(max(len(g["group"]) for g in ranked), 40)
+    for g in ranked[:GROUPS_SHOWN]:
+        m = g["token_perplexity"]
+        mark = " *" if m["p_holm"] is not None and m["p_holm"] < sig["alpha"] else ""
+        p_holm = f"  p (Holm) = {m['p_holm']:.4f}" if m["p_holm"] is not None else ""
+        lines.append(f"    {g['group'][:40]:{width}}  {number(m['a'])} -> {number(m['b'])}  {signed(m['delta'])}" + interval(m) + p_holm + mark)
+    if len(ranked) > GROUPS_SHOWN:
+        lines.append(f"    and {len(ranked) - GROUPS_SHOWN:,} more groups (--json has every one)")
+    return lines
 
 
 def format_markdown(report: dict) -> str:
@@ -287,6 +375,18 @@ def format_markdown(report: dict) -> str:
             ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
             p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
             lines.append(f"| {entry['run']} | {metric} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} |")
+    if any("groups" in entry for entry in report["runs"]):
+        lines += ["", "| run | group | documents | metric | baseline | run | difference | 95% CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for entry in report["runs"]:
+            for g in entry.get("groups", []):
+                for metric in GROUP_METRICS:
+                    m = g[metric]
+                    ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
+                    p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+                    holm_p = f"{m['p_holm']:.4f}" if m["p_holm"] is not None else "n/a"
+                    lines.append(
+                        f"| {entry['run']} | {g['group']} | {g['documents']:,} | {metric} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} | {holm_p} |"
+                    )
     return "\n".join(lines)
 
 

@@ -1,35 +1,61 @@
-"""`ppl-eval merge`: combine the result directories of `--shard I/N` runs into one report.
+"""`ppl-eval merge`: combine result directories into one report: the shards of one run, or whole runs over different data.
 
-The merged summary is computed from all documents' rows, in index order, exactly as a single run
-computes it (the bootstrap too), so it equals the unsharded run's; the data fingerprints of the
-shards add up to the whole input's.
+Shards (`--shard I/N`): the merged summary is computed from all documents' rows, in index order,
+exactly as a single run computes it (the bootstrap too), so it equals the unsharded run's; the
+data fingerprints of the shards add up to the whole input's.
+
+Runs over different data (one run a file, say, with --group-by file): their documents are put
+one after the other, in the order given, each run's indices offset by the documents of the runs
+before it; every row keeps its id and its group. The merged summary is what one run over all
+their inputs in that order computes, but for the data fingerprint, which names the runs' own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import Config, parse_shard
 from ..data.documents import add_fingerprints
 from ..engine.conventions import Windowing
 from ..errors import EXIT_DATA, PplError
-from ..output.run_directory import DOCUMENTS_FILE, ROW_STEMS, RUN_FILE, SUMMARY_FILE, Result, RunDirectory, ascending_runs, differing_key, merged_rows
+from ..output.run_directory import (
+    DOCUMENTS_FILE,
+    ROW_STEMS,
+    RUN_FILE,
+    SUMMARY_FILE,
+    Result,
+    RunDirectory,
+    ascending_runs,
+    differing_key,
+    merged_rows,
+    read_rows,
+)
 from ..output.summary import build_summary
 from ..output.token_export import copy_parts
 
+DATA_KEYS = ("data", "data_files", "shard")  # what may differ between runs over different data
+PARTS_PREFIX = "parts-sha256:"  # the fingerprint of runs put one after the other
+
 
 def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwrite: bool = False) -> Result:
-    shards = [read_shard(Path(d)) for d in dirs]
+    runs = [read_result(Path(d)) for d in dirs]
+    sharded = [run for run in runs if run["shard"]]
+    if sharded and len(sharded) < len(runs):
+        whole = next(run for run in runs if not run["shard"])
+        raise PplError(f"{whole['dir']} is a whole run and {sharded[0]['dir']} a shard; merge the shards of each run first", EXIT_DATA)
+    if sharded:
+        return merge_shards(runs, output, allow_partial, overwrite)
+    return concatenate(runs, output, overwrite)
+
+
+def merge_shards(shards: list[dict], output: str, allow_partial: bool, overwrite: bool) -> Result:
     first = shards[0]
     for shard in shards[1:]:
-        key = differing_key(first["identity"], shard["identity"], skip="shard")
-        if key:
-            raise PplError(
-                f"{shard['dir']} and {first['dir']} come from different runs: {key} differs"
-                f" ({shard['identity'].get(key)!r} vs {first['identity'].get(key)!r})",
-                EXIT_DATA,
-            )
+        check_same_run(first, shard, skip=("shard",))
     counts = {shard["count"] for shard in shards}
     if len(counts) > 1:
         raise PplError(f"the shards split the data differently: into {sorted(counts)} parts", EXIT_DATA)
@@ -45,39 +71,117 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
         raise PplError(f"missing shard{'s' if len(missing) > 1 else ''} {names}; use --allow-partial to merge anyway", EXIT_DATA)
 
     summaries = [shard["summary"] for shard in shards]
-    config = Config(**{**first["summary"]["config"], "shard": None, "output": output, "overwrite": overwrite})
-    windowing = Windowing.from_description(first["summary"]["windowing"])
     data_info = {k: v for k, v in first["summary"]["data"].items() if k != "shard"}
     data_info["fingerprint"] = add_fingerprints(s["data"]["fingerprint"] for s in summaries)  # the shards' sums add up
     data_info["shards"] = {"count": count, "merged": sorted(by_index), "missing": missing, "complete": not missing}
-    timings = {
-        "wall_time_s": sum(s["wall_time_s"] for s in summaries),  # device time over all shards
-        "scoring_time_s": sum(s["scoring_time_s"] for s in summaries),
-        "scored_now": sum(s["tokens"] for s in summaries),
-    }
-    skipped = sum(s["skipped_documents"] for s in summaries)
     given = {}
     for stem in ROW_STEMS:
         files = [shard["dir"] / f"{stem}.jsonl" for shard in shards if (shard["dir"] / f"{stem}.jsonl").exists()]
         if files:
             given[stem] = merged_rows({path: ascending_runs(path) for path in files})
-    reference_info = first["summary"].get("reference", {}).get("model")
+    identity = {**first["identity"], "shard": None}
+    config = first_config(first, output, overwrite)
+    return write_merged(shards, config, identity, data_info, given, output, overwrite, offsets=None, complete=not missing)
+
+
+def concatenate(runs: list[dict], output: str, overwrite: bool) -> Result:
+    """Runs over different data, one after the other: indices offset, rows, lines and tokens kept."""
+    first = runs[0]
+    for run in runs[1:]:
+        check_same_run(first, run, skip=DATA_KEYS)
+    for run in runs:
+        if "sampling" in run["summary"]["data"]:
+            raise PplError(f"{run['dir']} is a sampled run (an estimate); merge runs that scored every document", EXIT_DATA)
+    offsets, total = [], 0
+    for run in runs:
+        offsets.append(total)
+        total += run["summary"]["data"]["documents"]
+    summaries = [run["summary"] for run in runs]
+    data_info = {
+        "source": ", ".join(s["data"]["source"] for s in summaries),
+        "files": sum(s["data"]["files"] for s in summaries),
+        "bytes": sum(s["data"]["bytes"] or 0 for s in summaries) if all(s["data"]["bytes"] is not None for s in summaries) else None,
+        "documents": total,
+        "fingerprint": PARTS_PREFIX + hashlib.sha256(json.dumps([s["data"]["fingerprint"] for s in summaries]).encode()).hexdigest(),
+        "parts": [
+            {"run": str(run["dir"]), "source": run["summary"]["data"]["source"], "first_index": offset,
+             "documents": run["summary"]["data"]["documents"], "fingerprint": run["summary"]["data"]["fingerprint"]}
+            for run, offset in zip(runs, offsets)
+        ],  # fmt: skip
+    }
+    given = {}
+    for stem in ROW_STEMS:
+        present = [(run["dir"] / f"{stem}.jsonl", offset) for run, offset in zip(runs, offsets) if (run["dir"] / f"{stem}.jsonl").exists()]
+        if present:
+            given[stem] = shifted(present)
+    data = [spec for run in runs for spec in run["identity"]["data"]]
+    identity = {**first["identity"], "data": data, "data_files": f"the data of {len(runs)} runs, fingerprint {data_info['fingerprint']}"}
+    config = first_config(first, output, overwrite).replace(data=tuple(data))
+    return write_merged(runs, config, identity, data_info, given, output, overwrite, offsets=offsets, complete=True)
+
+
+def shifted(files: list[tuple[Path, int]]) -> Iterator[dict]:
+    """The lines of each file in turn, their index moved up by its run's offset."""
+    for path, offset in files:
+        for line in read_rows(path):
+            yield {**line, "index": line["index"] + offset}
+
+
+def first_config(first: dict, output: str, overwrite: bool) -> Config:
+    return Config(**{**first["summary"]["config"], "shard": None, "output": output, "overwrite": overwrite})
+
+
+def write_merged(runs, config, identity, data_info, given, output, overwrite, offsets, complete: bool) -> Result:
+    """The merged directory: rows and the files beside them, tokens, documents.csv and the summary."""
+    summaries = [run["summary"] for run in runs]
+    first = summaries[0]
+    windowing = Windowing.from_description(first["windowing"])
+    timings = {
+        "wall_time_s": sum(s["wall_time_s"] for s in summaries),  # device time over all runs
+        "scoring_time_s": sum(s["scoring_time_s"] for s in summaries),
+        "scored_now": sum(s["tokens"] for s in summaries),
+    }
+    skipped = skipped_by_group(summaries)
+    reference_info = first.get("reference", {}).get("model")
 
     def summarize(rows, reference=(), contexts=()):
-        model = first["summary"]["model"]
-        summary = build_summary(config, rows, skipped, model, data_info, windowing, timings, reference_info, reference, contexts)
-        if summary["documents"] == 0 and not missing:
-            raise PplError(f"nothing to score: the {skipped:,} documents of every shard are all empty or whitespace only", EXIT_DATA)
+        summary = build_summary(config, rows, skipped, first["model"], data_info, windowing, timings, reference_info, reference, contexts)
+        if summary["documents"] == 0 and complete:
+            raise PplError(f"nothing to score: the {sum(skipped.values()):,} documents of every run are all empty or whitespace only", EXIT_DATA)
         return summary
 
     with RunDirectory(output, overwrite) as run_dir:
-        run_dir.begin({**first["identity"], "shard": None})
-        copy_parts([shard["dir"] for shard in shards], run_dir.path)
-        summary = run_dir.finish(summarize, given)
+        run_dir.begin(identity)
+        copy_parts([run["dir"] for run in runs], run_dir.path, offsets)
+        summary = run_dir.finish(summarize, given, grouped=config.group_by is not None)
     return Result(summary, run_dir.documents)
 
 
-def read_shard(path: Path) -> dict:
+def check_same_run(first: dict, other: dict, skip: tuple[str, ...]) -> None:
+    """Everything that decides the numbers but the data itself (and the shard) must agree."""
+    a, b = ({k: v for k, v in run["identity"].items() if k not in skip} for run in (first, other))
+    key = differing_key(a, b)
+    if key:
+        raise PplError(
+            f"{other['dir']} and {first['dir']} come from different runs: {key} differs ({b.get(key)!r} vs {a.get(key)!r})",
+            EXIT_DATA,
+        )
+
+
+def skipped_by_group(summaries: list[dict]) -> Counter:
+    """The runs' skipped documents, by group (None when the runs were not grouped)."""
+    out: Counter = Counter()
+    for s in summaries:
+        if "groups" in s:
+            out.update({name: group["skipped_documents"] for name, group in s["groups"].items()})
+            out[None] += s["skipped_documents"] - sum(group["skipped_documents"] for group in s["groups"].values())
+        else:
+            out[None] += s["skipped_documents"]
+    return out
+
+
+def read_result(path: Path) -> dict:
+    """A finished run's identity and summary, and its shard (None for a whole run)."""
     for name in (RUN_FILE, SUMMARY_FILE, DOCUMENTS_FILE):
         if not (path / name).is_file():
             raise PplError(f"{path} is not a finished ppl-eval run: no {name}", EXIT_DATA)
@@ -86,13 +190,5 @@ def read_shard(path: Path) -> dict:
         summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
     except ValueError:
         raise PplError(f"{path}: {RUN_FILE} or {SUMMARY_FILE} is not valid JSON", EXIT_DATA) from None
-    if not identity.get("shard"):
-        raise PplError(f"{path} is not a shard (it was run without --shard)", EXIT_DATA)
-    index, count = parse_shard(identity["shard"])
-    return {
-        "dir": path,
-        "identity": identity,
-        "summary": summary,
-        "index": index,
-        "count": count,
-    }
+    index, count = parse_shard(identity["shard"]) if identity.get("shard") else (None, None)
+    return {"dir": path, "identity": identity, "summary": summary, "shard": identity.get("shard"), "index": index, "count": count}

@@ -68,6 +68,10 @@ def build_report(config: ReportConfig) -> dict:
             refusal = str(e)
         if comparison:
             plots["nll_scatter"] = scatter_figure(runs)
+    if "groups" in runs[0].summary:
+        plots["group_perplexity"] = group_figure(runs)
+        if comparison and "groups" in comparison["runs"][0]:
+            plots["group_deltas"] = forest_figure(comparison)
     shown = shown_documents(runs[0], scans[0], config.tokens)
     svgs = {name: figure_svg(fig) for name, fig in plots.items()}
     page = render(runs, scans, svgs, comparison, refusal, shown, config)
@@ -187,6 +191,76 @@ def scatter_figure(runs: list[Run]):
     return fig
 
 
+GROUPS_PLOTTED = 50  # a per-group plot shows at most this many groups: the highest perplexity first
+
+
+def plotted_groups(names: list[str]) -> list[str]:
+    return names[:GROUPS_PLOTTED]
+
+
+def group_figure(runs: list[Run]):
+    """Each group's token perplexity with its 95% interval, sorted by the first run's, for every run."""
+    base = runs[0].summary["groups"]
+    ranked = [name for name, g in sorted(base.items(), key=lambda kv: -(kv[1]["token_perplexity"] or 0)) if g["token_perplexity"] is not None]
+    names = plotted_groups(ranked)
+    fig, ax = new_figure(6.4, 1.2 + 0.28 * max(len(names), 1))
+    offsets = np.linspace(-0.25, 0.25, len(runs)) if len(runs) > 1 else [0.0]
+    for k, (run, offset) in enumerate(zip(runs, offsets)):
+        groups = run.summary.get("groups", {})
+        ys, xs, errors = [], [], [[], []]
+        for y, name in enumerate(names):
+            g = groups.get(name)
+            if not g or g["token_perplexity"] is None:
+                continue
+            ci = (g.get("bootstrap") or {}).get("token_perplexity") or [g["token_perplexity"]] * 2
+            ys.append(y + offset)
+            xs.append(g["token_perplexity"])
+            errors[0].append(g["token_perplexity"] - ci[0])
+            errors[1].append(ci[1] - g["token_perplexity"])
+        ax.errorbar(xs, ys, xerr=errors, fmt="o", markersize=4, capsize=2, color=COLOURS[k % len(COLOURS)], label=short_name(run))
+    ax.set_yticks(range(len(names)), [name[:40] for name in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    shown = f"the {len(names)} of {len(ranked)} groups with the highest perplexity" if len(names) < len(ranked) else f"{len(names)} groups"
+    ax.set_title(shown, fontsize=9, color="#666")
+    return labelled(fig, ax, runs, "token perplexity, with its 95% interval (log scale)", "")
+
+
+def forest_figure(comparison: dict):
+    """Per group, each run's change in token perplexity against the baseline, in %, with its 95%
+    paired interval; the groups whose Holm-adjusted p is below 0.05 in red."""
+    entries = comparison["runs"]
+    first = {g["group"]: g for g in entries[0]["groups"]}
+    ranked = sorted(first, key=lambda name: -abs(relative(first[name]["token_perplexity"])[0]))
+    names = plotted_groups(ranked)
+    fig, ax = new_figure(6.4, 1.2 + 0.28 * max(len(names), 1))
+    offsets = np.linspace(-0.25, 0.25, len(entries)) if len(entries) > 1 else [0.0]
+    for entry, offset in zip(entries, offsets):
+        groups = {g["group"]: g for g in entry["groups"]}
+        for y, name in enumerate(names):
+            m = groups[name]["token_perplexity"]
+            value, low, high = relative(m)
+            if not math.isfinite(value):
+                continue
+            significant = m["p_holm"] is not None and m["p_holm"] < entry["groups_significant"]["alpha"]
+            colour = "#d62728" if significant else "#555"
+            ax.errorbar([value], [y + offset], xerr=[[value - low], [high - value]], fmt="o", markersize=4, capsize=2, color=colour)
+    ax.axvline(0, color="#999", linewidth=1, linestyle="--")
+    ax.set_yticks(range(len(names)), [name[:40] for name in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("change in token perplexity against the baseline, % (95% paired interval)")
+    shown = f"the {len(names)} of {len(ranked)} groups that changed most" if len(names) < len(ranked) else f"{len(names)} groups"
+    ax.set_title(f"{shown}; red: Holm-adjusted p < 0.05", fontsize=9, color="#666")
+    return fig
+
+
+def relative(m: dict) -> tuple[float, float, float]:
+    """A paired difference and its interval as a percentage of the baseline's value."""
+    if not m["a"] or m["ci"] is None:
+        return (100 * m["delta"] / m["a"] if m["a"] else math.nan,) * 3
+    return 100 * m["delta"] / m["a"], 100 * m["ci"][0] / m["a"], 100 * m["ci"][1] / m["a"]
+
+
 def short_name(run: Run) -> str:
     return run.path.name or str(run.path)
 
@@ -265,7 +339,40 @@ def render(runs, scans, svgs, comparison, refusal, shown, config) -> str:
         shown=documents,
         config=config,
         steps=SURPRISAL_STEPS,
+        groups=group_rows(runs[0].summary),
     )
+
+
+GROUP_ROWS = 500  # the page's table of groups stops here; summary.json has them all
+
+
+def group_rows(summary: dict) -> dict | None:
+    """The first run's groups for the page's table, the highest token perplexity first, formatted."""
+    if "groups" not in summary:
+        return None
+    ranked = sorted(summary["groups"].items(), key=lambda kv: -(kv[1]["token_perplexity"] or -1))
+    macro = summary["macro"]
+    rows = [
+        {
+            "name": name,
+            "documents": f"{g['documents']:,}" + (f" ({g['skipped_documents']:,})" if g["skipped_documents"] else ""),
+            "tokens": f"{g['tokens']:,}",
+            "token_perplexity": fmt(g["token_perplexity"]),
+            "token_interval": interval(g, "token_perplexity"),
+            "bits_per_byte": fmt(g["bits_per_byte"]),
+            "bits_interval": interval(g, "bits_per_byte"),
+        }
+        for name, g in ranked[:GROUP_ROWS]
+    ]
+    return {
+        "key": summary["group_by"]["key"],
+        "rows": rows,
+        "more": max(0, len(ranked) - GROUP_ROWS),
+        "macro_perplexity": fmt(macro["token_perplexity"]),
+        "macro_interval": interval(macro, "token_perplexity"),
+        "macro_bits": fmt(macro["bits_per_byte"]),
+        "macro_bits_interval": interval(macro, "bits_per_byte"),
+    }
 
 
 def fmt(value, digits=4) -> str:

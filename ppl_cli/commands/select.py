@@ -48,6 +48,7 @@ class SelectConfig:
     buckets: tuple[float, ...] | None = None  # percentiles cutting the documents into len + 1 buckets
     format: str | None = None  # the buckets' files: jsonl, jsonl.gz, jsonl.zst or parquet
     data: tuple[str, ...] | None = None  # read the records from here instead of the run's source
+    group_by: str | None = None  # cut points and bands within each group (a field, file or dir), as CCNet does per language
     allow_partial: bool = False
     overwrite: bool = False
 
@@ -102,10 +103,16 @@ def select_records(config: SelectConfig) -> dict:
     identity, summary = read_run(run)
     if summary and summary["windowing"]["convention"] in ("hf-recipe", "llama-cpp"):
         raise PplError(f"{run} scored the corpus as one joined document ({summary['windowing']['convention']}); select needs a score a document")
+    if summary and "parts" in summary["data"]:
+        raise PplError(f"{run} is a merge of runs over different data; select from each of those runs", EXIT_DATA)
+    if summary and "sampling" in summary["data"]:
+        raise PplError(f"{run} scored a sample of its data (an estimate); select needs a run that scored every document", EXIT_DATA)
     partial = partial_reason(identity, summary)
     if partial and not config.allow_partial:
         raise PplError(f"{run} {partial}; --allow-partial selects among the documents it scored", EXIT_DATA)
     scores = Scores.read(run, config)
+    if config.group_by:
+        scores.group = document_groups(run, identity, scores, config)
     chosen, cuts = decide(scores, config)
     outputs = planned_outputs(config)
     try:
@@ -167,19 +174,23 @@ def covered(identity: dict, summary: dict | None):
 class Scores:
     """The scored documents' index, metric value, tokens and bytes, from documents.jsonl (in index order)."""
 
-    def __init__(self, index, value, tokens, n_bytes, token_ppl, unscored: int):
+    def __init__(self, index, value, tokens, n_bytes, token_ppl, unscored: int, groups: list | None = None):
         self.index, self.value, self.tokens, self.bytes, self.token_ppl = index, value, tokens, n_bytes, token_ppl
         self.unscored = unscored  # rows whose metric is null (no words, say)
+        self.row_groups = groups  # the rows' `group`, when the run was grouped
+        self.group: np.ndarray | None = None  # --group-by: each document's group (names, as an object array)
 
     @classmethod
     def read(cls, run: Path, config: SelectConfig) -> Scores:
-        index, value, tokens, n_bytes, token_ppl = [], [], [], [], []
+        index, value, tokens, n_bytes, token_ppl, groups = [], [], [], [], [], []
         unscored = 0
         for row in read_rows(run / DOCUMENTS_FILE):
+            groups.append(row.get("group"))
             if config.metric not in row:
                 raise PplError(f"{run} has no {config.metric} for its documents; {METRIC_SOURCES.get(config.metric, 'choose another --metric')}", EXIT_DATA)
             if row[config.metric] is None:
                 unscored += 1
+                groups.pop()
                 continue
             index.append(row["index"])
             value.append(row[config.metric])
@@ -188,32 +199,63 @@ class Scores:
             token_ppl.append(row["token_perplexity"] if row["token_perplexity"] is not None else math.nan)
         as_array = lambda x, t: np.array(x, dtype=t)  # noqa: E731
         return cls(as_array(index, np.int64), as_array(value, np.float64), as_array(tokens, np.int64), as_array(n_bytes, np.int64),
-                   as_array(token_ppl, np.float64), unscored)  # fmt: skip
+                   as_array(token_ppl, np.float64), unscored, groups)  # fmt: skip
+
+
+def document_groups(run: Path, identity: dict, scores: Scores, config: SelectConfig) -> np.ndarray:
+    """Each scored document's group: from the rows when the run was grouped by the same key, else
+    read from the run's source (a pass over it that parses only what the key needs)."""
+    if identity["data_options"].get("group_by") == config.group_by:
+        return np.array(scores.row_groups, dtype=object)
+    options = {**identity["data_options"], "group_by": config.group_by}
+    source_config = Config(data=config.data or tuple(identity["data"]), **options)
+    position = {int(i): k for k, i in enumerate(scores.index)}
+    out = np.empty(len(scores.index), dtype=object)
+    for index, doc in DocumentStream(resolve_sources(source_config), source_config, mine=position.__contains__):
+        out[position[index]] = doc.group
+    if any(g is None for g in out):
+        raise PplError(f"the data read is not the data {run} scored: some scored documents were not found in it", EXIT_DATA)
+    return out
 
 
 def decide(scores: Scores, config: SelectConfig) -> tuple[np.ndarray, dict]:
-    """For each scored document (in scores' order), its output (0.., or -1: not kept), and the cut points.
+    """For each scored document (in scores' order), its output (0.., or -1: not kept), and the cut
+    points; with --group-by, decided within each group on its own, and the cut points of every group."""
+    if scores.group is None:
+        return decide_among(scores, np.arange(len(scores.value)), config)
+    chosen = np.full(len(scores.value), -1, dtype=np.int64)
+    by_group = {}
+    for name in sorted(set(scores.group)):
+        at = np.flatnonzero(scores.group == name)
+        chosen[at], cuts = decide_among(scores, at, config)
+        by_group[name] = {"scored_documents": len(at), **cuts}
+    return chosen, {"group_by": config.group_by, "groups": by_group}
+
+
+def decide_among(scores: Scores, at: np.ndarray, config: SelectConfig) -> tuple[np.ndarray, dict]:
+    """The decision for the documents at positions `at` of scores (all, or one group's).
 
     Thresholds keep the documents within every bound given. Ranks order the values ascending, ties
     by index. --keep takes k = floor(F n + 1/2) of the n documents within the thresholds (all
     scored documents without thresholds): ranks [0, k) (low), [n - k, n) (high), or
-    [floor((n - k) / 2), that + k) (middle). --buckets:
-    the cut points are numpy's linear-interpolation percentiles of the values, and a document goes
-    to the number of cut points below its value (a value equal to a cut point stays below it).
+    [floor((n - k) / 2), that + k) (middle). --buckets: the cut points are numpy's
+    linear-interpolation percentiles of the values, and a document goes to the number of cut
+    points below its value (a value equal to a cut point stays below it).
     """
-    n = len(scores.value)
+    value, index, token_ppl = scores.value[at], scores.index[at], scores.token_ppl[at]
+    n = len(value)
     chosen = np.full(n, -1, dtype=np.int64)
     if config.buckets is not None:
-        cuts = [float(c) for c in np.percentile(scores.value, config.buckets)] if n else []
-        chosen[:] = np.searchsorted(np.array(cuts), scores.value, side="left") if n else chosen
+        cuts = [float(c) for c in np.percentile(value, config.buckets)] if n else []
+        chosen[:] = np.searchsorted(np.array(cuts), value, side="left") if n else chosen
         return chosen, {"percentiles": list(config.buckets), "values": cuts}
     passing = np.ones(n, dtype=bool)
     with np.errstate(invalid="ignore"):
         for bound, values, test in (
-            (config.min, scores.value, np.greater_equal),
-            (config.max, scores.value, np.less_equal),
-            (config.min_perplexity, scores.token_ppl, np.greater_equal),
-            (config.max_perplexity, scores.token_ppl, np.less_equal),
+            (config.min, value, np.greater_equal),
+            (config.max, value, np.less_equal),
+            (config.min_perplexity, token_ppl, np.greater_equal),
+            (config.max_perplexity, token_ppl, np.less_equal),
         ):
             if bound is not None:
                 passing &= test(values, bound)
@@ -223,11 +265,11 @@ def decide(scores: Scores, config: SelectConfig) -> tuple[np.ndarray, dict]:
     candidates = np.flatnonzero(passing)
     m = len(candidates)
     k = math.floor(config.keep_fraction * m + 0.5)
-    order = candidates[np.lexsort((scores.index[candidates], scores.value[candidates]))]  # by value, then index
+    order = candidates[np.lexsort((index[candidates], value[candidates]))]  # by value, then index
     start = {"low": 0, "high": m - k, "middle": (m - k) // 2}[config.keep]
     kept = order[start : start + k]
     chosen[kept] = 0
-    edges = [float(scores.value[kept].min()), float(scores.value[kept].max())] if k else []
+    edges = [float(value[kept].min()), float(value[kept].max())] if k else []
     return chosen, {"band": config.keep, "fraction": config.keep_fraction, "documents": k, "of": m, "values": edges}
 
 
@@ -420,6 +462,7 @@ def describe(config: SelectConfig, scores: Scores, chosen: np.ndarray, cuts: dic
         })  # fmt: skip
     criteria = {k: getattr(config, k) for k in ("metric", "min", "max", "min_perplexity", "max_perplexity", "keep", "keep_fraction")}
     criteria["buckets"] = list(config.buckets) if config.buckets else None
+    criteria["group_by"] = config.group_by
     return {
         "run": config.run,
         "criteria": criteria,
@@ -448,10 +491,13 @@ def format_selection(selection: dict) -> str:
     c = selection["criteria"]
     lines = [f"{selection['scored_documents']:,} scored documents of {selection['run']}, by {c['metric']}"]
     cuts = selection["cut_points"]
-    if cuts.get("percentiles"):
-        lines.append("cut points: " + ", ".join(f"p{p:g} = {v:.6g}" for p, v in zip(cuts["percentiles"], cuts["values"])))
-    if cuts.get("band"):
-        lines.append(f"{cuts['band']} {cuts['fraction']:g}: {cuts['documents']:,} documents, values {' to '.join(f'{v:.6g}' for v in cuts['values'])}")
+    for name, group_cuts in cuts["groups"].items() if "groups" in cuts else [(None, cuts)]:
+        where = f"{name} ({group_cuts['scored_documents']:,} documents): " if name is not None else ""
+        if group_cuts.get("percentiles"):
+            lines.append(f"{where}cut points " + ", ".join(f"p{p:g} = {v:.6g}" for p, v in zip(group_cuts["percentiles"], group_cuts["values"])))
+        if group_cuts.get("band"):
+            values = " to ".join(f"{v:.6g}" for v in group_cuts["values"])
+            lines.append(f"{where}{group_cuts['band']} {group_cuts['fraction']:g}: {group_cuts['documents']:,} documents, values {values}")
     for g in selection["selected"]:
         share = f", {g['token_share']:.1%} of tokens, {g['byte_share']:.1%} of bytes" if g["token_share"] is not None else ""
         lines.append(f"{g['name']}: {g['documents']:,} documents{share}" + (f" -> {g['file']}" if g["file"] else ""))

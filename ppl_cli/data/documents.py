@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
 from ..config import Config
-from ..errors import EXIT_DATA, PplError
+from ..errors import EXIT_DATA, PplError, PplWarning
 from .formats import BOM, all_records, decode, table_row
-from .records import Document, Record, default_id, record_document, where
+from .records import MISSING_GROUP, Document, Record, default_id, group_of, record_document, where
 from .sources import ByteCounter, Source, resolve_sources
 
 FINGERPRINT_PREFIX = "sha256-sum:"
@@ -40,6 +41,7 @@ class DocumentStream:
         self.counter = ByteCounter()
         self.count = 0
         self.digest = 0
+        self.groups: set[str] = set()  # --group-by: the groups of the documents yielded so far
         self._records = itertools.islice(all_records(sources, config, self.counter, stdin, all_columns), config.limit)
         self._first: list[Record] = []
 
@@ -56,7 +58,13 @@ class DocumentStream:
         if first is None:
             names = ", ".join(s.spec for s in self.sources)
             raise PplError(f"no documents in {'standard input' if names == '-' else names}", EXIT_DATA)
-        to_document(first, self.config)
+        doc = to_document(first, self.config)
+        if doc.group == MISSING_GROUP:
+            warnings.warn(
+                f"{doc.where} has no --group-by field {self.config.group_by!r}: such records are reported as the group {MISSING_GROUP!r}",
+                PplWarning,
+                stacklevel=2,
+            )
         self._first = [first]
 
     def __iter__(self) -> Iterator[tuple[int, Document]]:
@@ -72,6 +80,14 @@ class DocumentStream:
             if self.mine(index):
                 doc = to_document(record, self.config)
                 self.digest = (self.digest + digest(index, doc)) % 2**256
+                if doc.group is not None and doc.group not in self.groups:
+                    self.groups.add(doc.group)
+                    if len(self.groups) > self.config.max_groups:
+                        raise PplError(
+                            f"{doc.where} makes {len(self.groups):,} groups for --group-by {self.config.group_by}, more than"
+                            f" --max-groups {self.config.max_groups:,}; group by a coarser key or raise --max-groups",
+                            EXIT_DATA,
+                        )
                 yield index, record, doc
 
 
@@ -115,7 +131,7 @@ def jsonl_document(record: Record, config: Config) -> Document:
         raise PplError(f"{where} is not JSON: {e.msg}", EXIT_DATA) from None
     if not isinstance(row, dict):
         raise PplError(f"{where} is not a JSON object", EXIT_DATA)
-    return record_document(row, where, default_id(record), config)
+    return record_document(row, where, default_id(record), config, record.source)
 
 
 def to_document(record: Record, config: Config) -> Document:
@@ -123,10 +139,12 @@ def to_document(record: Record, config: Config) -> Document:
     if fmt == "jsonl":
         return jsonl_document(record, config)
     if fmt in ("json", "csv", "parquet", "hub"):
-        return record_document(table_row(record), where(record), default_id(record), config)
+        return record_document(table_row(record), where(record), default_id(record), config, record.source)
+    named = where(record)
+    group = group_of(None, record.source, named, config)
     if isinstance(record.payload, Document):  # WikiText articles, the built-in corpus
-        return replace(record.payload, where=where(record))
-    return Document(default_id(record), record.payload, where=where(record))  # plain text
+        return replace(record.payload, group=group, where=named)
+    return Document(default_id(record), record.payload, group=group, where=named)  # plain text
 
 
 def whole_record(record: Record, doc: Document) -> dict:

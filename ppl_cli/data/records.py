@@ -6,9 +6,11 @@ conversation (--messages-field); the engine decides which of its tokens are scor
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from ..config import Config
@@ -16,6 +18,8 @@ from ..errors import EXIT_DATA, PplError
 from .sources import Source
 
 LINE_FORMATS = ("jsonl", "csv", "text", "wikitext")  # records are found by line; the others by row or record number
+MISSING_GROUP = "(missing)"  # --group-by: the group of a record without the field
+SOURCE_KEYS = ("file", "dir")  # --group-by keys that name the record's source file or its folder, not a field
 TEMPLATE_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}  # --context-template '{q}\n' as a shell passes it
 
 
@@ -28,6 +32,7 @@ class Document:
     text: str
     context: str | None = None
     messages: tuple[dict, ...] | None = None
+    group: str | None = None  # --group-by: the domain it is reported in
     where: str = field(default="", compare=False)  # how errors name its record: "chats.jsonl line 12"
 
     @property
@@ -84,7 +89,8 @@ def field_value(row: dict, path: str) -> Any:
 
 def top_level_fields(config: Config) -> list[str]:
     """The columns a record needs for its document (what a Parquet reader reads)."""
-    paths = [config.messages_field or config.text_field, config.id_field, config.context_field]
+    group_field = config.group_by if config.group_by not in (None, *SOURCE_KEYS) else None
+    paths = [config.messages_field or config.text_field, config.id_field, config.context_field, group_field]
     if config.context_template:
         paths += template_fields(config.context_template)
     return list(dict.fromkeys(p.split(".")[0] for p in paths if p))
@@ -102,8 +108,27 @@ def unescape(template: str) -> str:
     return re.sub(r"\\\\|\\n|\\t", lambda m: TEMPLATE_ESCAPES[m.group(0)], template)
 
 
-def record_document(row: dict, where: str, default: str, config: Config) -> Document:
-    """Take the text (or messages), context and id fields of a record, with errors that name the record."""
+def group_of(row: dict | None, source: Source, where: str, config: Config) -> str | None:
+    """--group-by: the source file's name (`file`), its folder (`dir`), or a field's value (a dotted
+    path; a record without it, or null, is in MISSING_GROUP; a list or object is an error)."""
+    key = config.group_by
+    if key is None:
+        return None
+    if key == "file":
+        return source.name
+    if key == "dir":
+        return str(PurePosixPath(source.name).parent)
+    value = field_value(row, key) if row is not None else MISSING
+    if value is MISSING or value is None:
+        return MISSING_GROUP
+    if isinstance(value, (list, dict)):
+        kind = "list" if isinstance(value, list) else "object"
+        raise PplError(f"{where}: the --group-by field {key!r} is a {kind}, not one value", EXIT_DATA)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def record_document(row: dict, where: str, default: str, config: Config, source: Source) -> Document:
+    """Take the text (or messages), context, id and group fields of a record, with errors that name the record."""
     if config.messages_field:
         text, context, messages = "", None, conversation(row, where, config.messages_field)
     else:
@@ -119,7 +144,7 @@ def record_document(row: dict, where: str, default: str, config: Config) -> Docu
         if value is MISSING:
             raise PplError(f"{where} has no id field {config.id_field!r} (fields: {fields_of(row)})", EXIT_DATA)
         doc_id = str(value)
-    return Document(doc_id, text, context, messages, where)
+    return Document(doc_id, text, context, messages, group_of(row, source, where, config), where)
 
 
 def text_field(row: dict, name: str, where: str, hint: str = "") -> str:

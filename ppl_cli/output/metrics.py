@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -62,7 +63,7 @@ def unit_metrics(nll_sum: float, tokens: int, words: int, n_bytes: int) -> dict:
     }
 
 
-ROW_KEYS = {"index", "id", *METRIC_KEYS}  # every other number in a row is a per-document sum (conventions', the reference model's)
+ROW_KEYS = {"index", "id", "group", *METRIC_KEYS}  # every other number in a row is a per-document sum (conventions', the reference model's)
 BOOTSTRAP_ELEMENTS = 1 << 21  # samples x documents drawn at a time: bounds the bootstrap's memory
 
 
@@ -71,9 +72,10 @@ def corpus_metrics(docs: Iterable[dict], bootstrap_samples: int = 1000, seed: in
     return accumulate(docs, bootstrap_samples, seed).metrics()
 
 
-def accumulate(docs: Iterable[dict], bootstrap_samples: int, seed: int) -> CorpusTotals:
-    """One pass over the document rows in index order, holding one chunk of them at a time."""
-    totals = CorpusTotals(bootstrap_samples, seed)
+def accumulate(docs: Iterable[dict], bootstrap_samples: int, seed: int, grouped: bool = False) -> CorpusTotals:
+    """One pass over the document rows in index order, holding one chunk of them at a time;
+    `grouped`: also per group (the rows' `group`), with the same resampling weights."""
+    totals = CorpusTotals(bootstrap_samples, seed, grouped)
     chunk: list[dict] = []
     for doc in docs:
         chunk.append(doc)
@@ -85,24 +87,19 @@ def accumulate(docs: Iterable[dict], bootstrap_samples: int, seed: int) -> Corpu
     return totals
 
 
-class CorpusTotals:
-    """What the corpus summary needs, accumulated a chunk of documents at a time."""
+class Totals:
+    """Sums over a set of documents, and over each bootstrap resample of them given the weights."""
 
-    def __init__(self, bootstrap_samples: int, seed: int):
-        self.samples = bootstrap_samples
-        self.seed = seed
-        self.chunk = max(1, BOOTSTRAP_ELEMENTS // max(bootstrap_samples, 1))
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, samples: int):
+        self.samples = samples
         self.documents = 0
         self.nll = 0.0
         self.tokens = self.words = self.bytes = 0
         self.macro_sum, self.macro_count = 0.0, 0
-        self.extras: dict[str, float] = {}  # every other number of the rows, summed
-        self.extra_counts: dict[str, int] = {}  # and how many rows had it (not null)
-        self.resampled = np.zeros((bootstrap_samples, 3))  # per sample: weighted nll, tokens, bytes
+        self.resampled = np.zeros((samples, 3))  # per sample: weighted nll, tokens, bytes
 
-    def add(self, docs: Sequence[dict]) -> None:
-        values = np.array([[d["nll_sum"], d["tokens"], d["bytes"]] for d in docs], dtype=np.float64)  # [m, 3]
+    def add(self, docs: Sequence[dict], values: np.ndarray, weights: np.ndarray | None) -> None:
+        """`values` [m, 3]: each document's nll, tokens, bytes; `weights` [B, m]: its resampling weights."""
         self.documents += len(docs)
         self.nll += float(values[:, 0].sum())
         self.tokens += sum(d["tokens"] for d in docs)
@@ -112,41 +109,103 @@ class CorpusTotals:
             if d["token_perplexity"] is not None:
                 self.macro_sum += d["token_perplexity"]
                 self.macro_count += 1
-            for key, value in d.items():
-                if key not in ROW_KEYS and isinstance(value, (int, float)):
-                    self.extras[key] = self.extras.get(key, 0) + value
-                    self.extra_counts[key] = self.extra_counts.get(key, 0) + 1
-        if self.samples:
-            self.resampled += poisson_weights(self.rng, (self.samples, len(docs))) @ values  # [B, m] @ [m, 3]
+        if weights is not None:
+            self.resampled += weights @ values  # [B, m] @ [m, 3]
 
-    def metrics(self) -> dict:
+    def metrics(self, seed: int) -> dict:
         out = unit_metrics(self.nll, self.tokens, self.words, self.bytes)
         out["macro_token_perplexity"] = self.macro_sum / self.macro_count if self.macro_count else None
-        out["bootstrap"] = self.interval() if self.samples and self.documents else None
+        out["bootstrap"] = self.interval(seed) if self.samples and self.documents else None
         return out
 
-    def interval(self, confidence: float = 0.95) -> dict:
-        """Percentile interval of the resampled corpus token perplexity and bits per byte."""
+    def interval(self, seed: int, confidence: float = 0.95) -> dict:
+        """Percentile interval of the resampled token perplexity and bits per byte."""
         nll, tokens, n_bytes = self.resampled.T
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ppl = np.exp(nll / tokens)
             bpb = nll / (n_bytes * LN2)
-        tail = (1 - confidence) / 2 * 100
-
-        def percentiles(values):
-            values = values[np.isfinite(values)]
-            if len(values) == 0:
-                return None
-            return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-
         return {
             "confidence": confidence,
             "samples": self.samples,
-            "seed": self.seed,
+            "seed": seed,
             "method": "poisson",
-            "token_perplexity": percentiles(ppl),
-            "bits_per_byte": percentiles(bpb),
+            "token_perplexity": percentile_interval(ppl, confidence),
+            "bits_per_byte": percentile_interval(bpb, confidence),
         }
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> list[float] | None:
+    """The central `confidence` interval of the finite values (a resample with no units has none)."""
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return None
+    tail = (1 - confidence) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+class CorpusTotals(Totals):
+    """What the corpus summary needs, accumulated a chunk of documents at a time: the corpus sums,
+    every other number of the rows summed, and with `grouped` the sums of each group, resampled
+    with the corpus's own Poisson weights (so a document weighs the same in its group and the corpus)."""
+
+    def __init__(self, bootstrap_samples: int, seed: int, grouped: bool = False):
+        super().__init__(bootstrap_samples)
+        self.seed = seed
+        self.chunk = max(1, BOOTSTRAP_ELEMENTS // max(bootstrap_samples, 1))
+        self.rng = np.random.default_rng(seed)
+        self.extras: dict[str, float] = {}  # every other number of the rows, summed
+        self.extra_counts: dict[str, int] = {}  # and how many rows had it (not null)
+        self.groups: dict[str, Totals] | None = {} if grouped else None
+
+    def add(self, docs: Sequence[dict]) -> None:
+        values = np.array([[d["nll_sum"], d["tokens"], d["bytes"]] for d in docs], dtype=np.float64)  # [m, 3]
+        weights = poisson_weights(self.rng, (self.samples, len(docs))) if self.samples else None  # [B, m]
+        super().add(docs, values, weights)
+        for d in docs:
+            for key, value in d.items():
+                if key not in ROW_KEYS and isinstance(value, (int, float)):
+                    self.extras[key] = self.extras.get(key, 0) + value
+                    self.extra_counts[key] = self.extra_counts.get(key, 0) + 1
+        if self.groups is not None:
+            members: dict[str, list[int]] = {}
+            for k, d in enumerate(docs):
+                members.setdefault(d["group"], []).append(k)
+            for name, ks in members.items():
+                at = np.array(ks)
+                group = self.groups.setdefault(name, Totals(self.samples))
+                group.add([docs[k] for k in ks], values[at], weights[:, at] if weights is not None else None)
+
+    def metrics(self) -> dict:
+        return super().metrics(self.seed)
+
+    def macro(self, confidence: float = 0.95) -> dict:
+        """Paloma's macro average: the mean over groups of their token perplexity and of their bits
+        per byte, with a percentile interval over the same resamples (in a resample, the mean over
+        the groups that drew any token)."""
+        groups = [g for g in (self.groups or {}).values() if g.tokens]
+        out = {
+            "groups": len(groups),
+            "token_perplexity": float(np.mean([perplexity(g.nll, g.tokens) for g in groups])) if groups else None,
+            "bits_per_byte": float(np.mean([g.nll / (g.bytes * LN2) for g in groups if g.bytes])) if groups else None,
+            "bootstrap": None,
+        }
+        if self.samples and groups:
+            resampled = np.stack([g.resampled for g in groups])  # [G, B, 3]
+            nll, tokens, n_bytes = resampled[..., 0], resampled[..., 1], resampled[..., 2]
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a resample in which no group drew a token: NaN
+                ppl = np.where(tokens > 0, np.exp(nll / tokens), np.nan)
+                bpb = np.where(n_bytes > 0, nll / (n_bytes * LN2), np.nan)
+                ppl_mean, bpb_mean = np.nanmean(ppl, axis=0), np.nanmean(bpb, axis=0)  # [B]
+            out["bootstrap"] = {
+                "confidence": confidence,
+                "samples": self.samples,
+                "seed": self.seed,
+                "method": "poisson, the corpus's weights",
+                "token_perplexity": percentile_interval(ppl_mean, confidence),
+                "bits_per_byte": percentile_interval(bpb_mean, confidence),
+            }
+        return out
 
 
 # P(X <= k) for X ~ Poisson(1), scaled to 32-bit integers: a uniform u in [0, 2^32) gives the draw

@@ -8,8 +8,9 @@ the rest with exactly the batches an uninterrupted run would use.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,10 +25,10 @@ GROUP_BATCHES = 8  # a group of documents fills about this many batches before i
 
 @dataclass
 class Tally:
-    """What one process did: documents scored now, skipped, and tokens scored now."""
+    """What one process did: documents scored now, skipped (by group; None: not grouped), and tokens scored now."""
 
     scored: int = 0
-    skipped: int = 0
+    skipped: Counter = field(default_factory=Counter)
     tokens: int = 0
 
 
@@ -106,7 +107,7 @@ def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> It
         if item is None:
             break
         if item.skipped:
-            tally.skipped += 1
+            tally.skipped[item.document.group] += 1
             continue
         group.append(item)
         size += item.length
@@ -190,7 +191,8 @@ def document_result(item: Tokenized, scored: list[tuple], windowing: Windowing, 
     counted = item.counted if item.counted is not None else (doc.text,)
     words = sum(count_words(text, windowing.convention) for text in counted)
     n_bytes = sum(count_bytes(text) for text in counted)
-    row = {"index": item.index, "id": doc.id, **unit_metrics(sums["nll_sum"], tokens, words, n_bytes)}
+    row = {"index": item.index, "id": doc.id, **({"group": doc.group} if doc.group is not None else {})}
+    row.update(unit_metrics(sums["nll_sum"], tokens, words, n_bytes))
     if item.spans is not None:
         row["context_tokens"] = item.length - tokens
         if item.spans[0].turn >= 0:

@@ -31,6 +31,7 @@ OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
 UMASK = os.umask(0)
 os.umask(UMASK)
 DOCUMENT_COLUMNS = ("index", "id", *METRIC_KEYS)
+GROUPED_COLUMNS = ("index", "id", "group", *METRIC_KEYS)
 
 
 class WriteError(PplError):
@@ -208,10 +209,10 @@ class RunDirectory:
         append_bytes(target, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
         self.last_index[stem] = last
 
-    def finish(self, summarize: Callable[..., dict], given: dict[str, Iterable[dict]] | None = None) -> dict:
+    def finish(self, summarize: Callable[..., dict], given: dict[str, Iterable[dict]] | None = None, grouped: bool = False) -> dict:
         """One pass over every per-document file in index order (the lines `given` for a stem, else
-        the files here): each rewritten if it is not already one file in order, documents.csv, and
-        summary.json from summarize(rows, **{other stem: its lines})."""
+        the files here): each rewritten if it is not already one file in order, documents.csv (with
+        a `group` column when `grouped`), and summary.json from summarize(rows, **{other stem: its lines})."""
         given = given or {}
         stems = list(dict.fromkeys([*self.stems(), *given]))
         with contextlib.ExitStack() as files:
@@ -227,7 +228,10 @@ class RunDirectory:
                 streams[stem] = lines
             if not self.spool:
                 table = csv.DictWriter(
-                    files.enter_context(atomic_writer(self.path / CSV_FILE)), DOCUMENT_COLUMNS, extrasaction="ignore", lineterminator="\n"
+                    files.enter_context(atomic_writer(self.path / CSV_FILE)),
+                    GROUPED_COLUMNS if grouped else DOCUMENT_COLUMNS,
+                    extrasaction="ignore",
+                    lineterminator="\n",
                 )
                 table.writeheader()
                 streams[DOCUMENTS_STEM] = tabled(streams[DOCUMENTS_STEM], table)

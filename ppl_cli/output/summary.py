@@ -6,20 +6,23 @@ import hashlib
 import math
 import platform
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 
 from ..config import Config
+from ..data.records import MISSING_GROUP, SOURCE_KEYS
 from ..data.sources import Source
 from ..engine.conventions import Windowing
+from ..errors import EXIT_DATA, PplError
+from .estimates import corpus_estimate, group_interval, macro_estimate, rate
 from .kl_statistics import HISTOGRAMS, Histogram, reference_summary
-from .metrics import accumulate, perplexity
+from .metrics import accumulate, perplexity, unit_metrics
 
 
 def build_summary(
     config: Config,
     rows: Iterable[dict],
-    skipped: int,
+    skipped: Mapping[str | None, int],
     model_info: dict,
     data_info: dict,
     windowing: Windowing,
@@ -28,10 +31,11 @@ def build_summary(
     reference: Iterable[dict] = (),
     contexts: Iterable[dict] = (),
 ) -> dict:
-    """`rows`: every scored document's row in index order. `timings`: wall_time_s, scoring_time_s
-    and the tokens scored in that time (scored_now), which gives tokens_per_second. With a
-    reference model, its description and the documents' lines of reference.jsonl."""
-    totals = accumulate(rows, config.bootstrap_samples, config.seed)
+    """`rows`: every scored document's row in index order. `skipped`: the documents with nothing to
+    score, by group (None: not grouped). `timings`: wall_time_s, scoring_time_s and the tokens
+    scored in that time (scored_now), which gives tokens_per_second. With a reference model, its
+    description and the documents' lines of reference.jsonl."""
+    totals = accumulate(rows, config.bootstrap_samples, config.seed, grouped=config.group_by is not None)
     metrics = totals.metrics()
     scored_now, scoring = timings["scored_now"], timings["scoring_time_s"]
     extra = {"context_curve": context_curve(contexts)}
@@ -43,10 +47,14 @@ def build_summary(
         extra["reference"] = reference_summary({**totals.extras, "nll_sum": totals.nll}, totals.tokens, histograms, reference_info)
     if config.conditional:
         extra["conditional"] = conditional_summary(config, totals)
+    if config.group_by is not None:
+        extra.update(group_summary(config, totals, skipped))
+    if "sampling" in data_info:
+        extra.update(sampled_summary(config, totals, data_info, extra))
     return {
         **metrics,
         "documents": totals.documents,
-        "skipped_documents": skipped,
+        "skipped_documents": sum(skipped.values()),
         "windowing": windowing.describe(),
         **convention_summary({**metrics, **totals.extras}, windowing.convention),
         **extra,
@@ -59,6 +67,46 @@ def build_summary(
         # Scored tokens per second of scoring time, counting only what this process scored (not a resume's earlier part).
         "tokens_per_second": scored_now / scoring if scored_now and scoring else None,
     }
+
+
+def group_summary(config: Config, totals, skipped: Mapping[str | None, int]) -> dict:
+    """--group-by: every group's metrics (micro within the group, with the corpus's resampling
+    weights), its documents and skipped documents, sorted by name; the macro average over groups."""
+    names = sorted(set(totals.groups) | {g for g, n in skipped.items() if g is not None and n})
+    groups = {}
+    for name in names:
+        group = totals.groups.get(name)
+        metrics = group.metrics(config.seed) if group is not None else empty_group_metrics()
+        groups[name] = {"documents": group.documents if group else 0, "skipped_documents": skipped.get(name, 0), **metrics}
+    if names and names == [MISSING_GROUP] and config.group_by not in SOURCE_KEYS:
+        raise PplError(f"--group-by {config.group_by}: no record has this field (every document is in {MISSING_GROUP!r})", EXIT_DATA)
+    return {
+        "group_by": {"key": config.group_by, "groups": len(groups), "missing": MISSING_GROUP},
+        "groups": groups,
+        "macro": totals.macro(),
+    }
+
+
+def sampled_summary(config: Config, totals, data_info: dict, extra: dict) -> dict:
+    """A sampled run (--sample, --sample-per-group): the estimate for the whole input, each group's
+    and the macro average's intervals corrected for the sampling, and what was sampled."""
+    plan = data_info["sampling"]
+    groups = totals.groups if totals.groups is not None else {None: totals}
+    rates = {name: rate(plan, name) for name in groups}
+    out = {"estimate": {"of": "every document of the input, from the sampled ones", **corpus_estimate(groups, rates, config.seed, config.bootstrap_samples)}}
+    if totals.groups is not None:
+        for name, group in extra["groups"].items():
+            if name in groups:
+                group["bootstrap"] = group_interval(groups[name], rates[name], config.seed)
+                group["sampled_share"] = rates[name]
+        out["macro"] = macro_estimate(groups, rates, config.seed, config.bootstrap_samples)
+    out["sampling"] = {**plan, "estimate": True, "population_documents": data_info["documents"]}
+    return out
+
+
+def empty_group_metrics() -> dict:
+    """The metrics of a group whose every document was skipped."""
+    return {**unit_metrics(0.0, 0, 0, 0), "macro_token_perplexity": None, "bootstrap": None}
 
 
 def conditional_summary(config: Config, totals) -> dict:
@@ -102,8 +150,9 @@ def context_curve(lines: Iterable[dict]) -> dict:
     }
 
 
-def data_description(sources: list[Source], config: Config, documents: int, fingerprint: str) -> dict:
-    """summary.json's `data`: where the documents came from, how many, and their fingerprint."""
+def data_description(sources: list[Source], config: Config, documents: int, fingerprint: str, sampling: dict | None = None) -> dict:
+    """summary.json's `data`: where the documents came from, how many, their fingerprint, and how
+    they were sampled (a sampled run's fingerprint covers the sampled documents)."""
     files = [s for s in sources if s.kind == "file"]
     out = {
         "source": ", ".join(config.data),
@@ -118,6 +167,8 @@ def data_description(sources: list[Source], config: Config, documents: int, fing
         out["streaming"] = config.streaming
     if config.shard:
         out["shard"] = config.shard
+    if sampling is not None:
+        out["sampling"] = sampling
     return out
 
 
@@ -141,6 +192,7 @@ def run_identity(
         "reference_dtype": reference_info["dtype"] if reference_info else None,
         "save_tokens": config.save_tokens,
         "conditional": conditional,
+        **({"sampling": {"share": config.sample, "per_group": config.sample_per_group, "seed": config.seed}} if config.sampled else {}),
     }
 
 
@@ -154,7 +206,7 @@ def input_identity(sources: list[Source], config: Config) -> dict:
         "data_files": f"{len(files)} files, {sum(size or 0 for _, size in files):,} bytes, names and sizes #{names_and_sizes}",
         "data_options": {
             **{key: getattr(config, key) for key in ("data_config", "split", "streaming", "text_field", "id_field", "doc_split", "encoding_errors", "limit")},
-            **{key: getattr(config, key) for key in ("context_field", "context_template", "messages_field") if getattr(config, key)},
+            **{key: getattr(config, key) for key in ("context_field", "context_template", "messages_field", "group_by") if getattr(config, key)},
         },
     }
 
@@ -218,11 +270,51 @@ def format_summary(summary: dict) -> str:
         if "ifd" in conditional:
             ifd = conditional["ifd"]
             lines.append(f"IFD               {number(ifd['mean_ifd'])} mean over documents, {number(ifd['corpus_ifd'])} over the corpus")
+    if "estimate" in summary:
+        estimate, plan = summary["estimate"], summary["sampling"]
+        interval = (estimate.get("bootstrap") or {}).get("token_perplexity")
+        how = f"{plan['per_group']:,} documents a group" if plan["method"] == "per-group" else f"{plan['share']:g} of the documents"
+        lines.append(
+            f"estimate for all {plan['population_documents']:,} documents (sampled: {how}, seed {plan['seed']}):"
+            f" token perplexity {number(estimate['token_perplexity'])}"
+            + (f"  (95% CI {number(interval[0])} - {number(interval[1])})" if interval else "")
+            + f", bits per byte {number(estimate['bits_per_byte'])}"
+        )
+    if "groups" in summary:
+        lines += group_lines(summary)
     lines += [
         f"{summary['wall_time_s']:.1f} s in all, {summary['tokens_per_second'] or 0:,.0f} tokens/s scoring"
         + (f"; reports in {summary['config']['output']}" if summary["config"]["output"] else ""),
     ]
     return "\n".join(lines)
+
+
+GROUPS_SHOWN = 10  # the printed summary lists the worst groups, then says how many more there are
+
+
+def group_lines(summary: dict) -> list[str]:
+    """The groups by token perplexity, the worst first, a bounded number; the macro average."""
+    groups = summary["groups"]
+    ranked = sorted(groups.items(), key=lambda kv: -(kv[1]["token_perplexity"] if kv[1]["token_perplexity"] is not None else -1))
+    macro = summary["macro"]
+    boot = macro.get("bootstrap") or {}
+    interval = boot.get("token_perplexity")
+    lines = [
+        f"{len(groups):,} groups by {summary['group_by']['key']}; macro mean token perplexity {number(macro['token_perplexity'])}"
+        + (f"  (95% CI {number(interval[0])} - {number(interval[1])})" if interval else "")
+        + f", bits per byte {number(macro['bits_per_byte'])}"
+    ]
+    width = min(max(len(name) for name in groups), 40)
+    for name, g in ranked[:GROUPS_SHOWN]:
+        ci = (g.get("bootstrap") or {}).get("token_perplexity")
+        lines.append(
+            f"  {name[:40]:{width}}  {number(g['token_perplexity'])}"
+            + (f"  ({number(ci[0])} - {number(ci[1])})" if ci else "")
+            + f"  {g['documents']:,} documents, {g['tokens']:,} tokens"
+        )
+    if len(ranked) > GROUPS_SHOWN:
+        lines.append(f"  and {len(ranked) - GROUPS_SHOWN:,} more (summary.json has every group)")
+    return lines
 
 
 def number(value) -> str:

@@ -162,13 +162,27 @@ def keep_only_done(folder: Path, done: Iterable[int]) -> None:
             write_parquet(table, part.with_name(f".{part.name}.tmp"), part)
 
 
-def copy_parts(sources: list[Path], target: Path) -> None:
-    """merge: the shards' parts into one tokens/ folder (hard links where the filesystem allows)."""
-    for source in sources:
+def copy_parts(sources: list[Path], target: Path, offsets: list[int] | None = None) -> None:
+    """merge: the runs' parts into one tokens/ folder, hard-linked where the filesystem allows; with
+    `offsets` (runs over different data, one after the other) each part rewritten with its run's
+    offset added to every index."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for k, source in enumerate(sources):
+        offset = offsets[k] if offsets else 0
         for part in sorted((source / TOKENS_DIR).glob("part-*.parquet")):
-            destination = target / TOKENS_DIR / part.name
+            first = int(part.stem.removeprefix("part-"))
+            destination = part_path(target, first + offset)
             with writing(destination):
                 destination.parent.mkdir(exist_ok=True)
+                if offset:
+                    table = pq.read_table(part)
+                    index = table.schema.get_field_index("index")
+                    table = table.set_column(index, "index", pc.add(table["index"], pa.scalar(offset, pa.int64())))
+                    write_parquet(table, destination.with_name(f".{destination.name}.tmp"), destination)
+                    continue
                 try:
                     os.link(part, destination)
                 except OSError:

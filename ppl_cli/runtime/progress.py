@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
+REFRESH_S = 0.5  # the bar is redrawn at least this often while documents are scored
+
 
 class Progress:
     def __init__(self, stream, limit: int | None, enabled: bool):
@@ -18,7 +20,7 @@ class Progress:
         self.total_bytes = None if limit else stream.total_bytes
         self.limit = limit
         self.documents = self.tokens = self.scored_now = 0
-        self.started = time.perf_counter()
+        self.started = self.shown = time.perf_counter()
         eta = " [{elapsed}<{remaining}]"
         if self.total_bytes:  # "scoring:  11%|█    | 45.2MB/400MB, 12,345 docs, 1.2M tok, 3.4k tok/s [00:10<01:20]"
             total, fmt_ = self.total_bytes, "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B{postfix}" + eta
@@ -40,8 +42,12 @@ class Progress:
             return
         position = self.stream.counter.bytes if self.total_bytes else self.stream.count if self.limit else self.tokens
         self.bar.update(position - self.bar.n)
-        rate = self.scored_now / max(time.perf_counter() - self.started, 1e-9)
+        now = time.perf_counter()
+        rate = self.scored_now / max(now - self.started, 1e-9)
         self.bar.set_postfix_str(f"{self.documents:,} docs, {fmt(self.tokens)} tok, {fmt(rate)} tok/s", refresh=False)
+        if now - self.shown >= REFRESH_S:  # the counts move even when the bytes read do not (a file read ahead whole)
+            self.bar.refresh()
+            self.shown = now
 
     def close(self) -> None:
         self.bar.close()
