@@ -17,6 +17,7 @@ from .config import Config, build_config
 from .errors import PplError
 from .output.run_directory import Result
 from .pipeline import evaluate
+from .series import SeriesResult, evaluate_series
 
 __all__ = [
     "CompareConfig",
@@ -25,10 +26,12 @@ __all__ = [
     "ReportConfig",
     "Result",
     "SelectConfig",
+    "SeriesResult",
     "build_config",
     "build_report",
     "compare_runs",
     "evaluate",
+    "evaluate_series",
     "merge_runs",
     "select_records",
 ]

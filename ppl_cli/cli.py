@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -11,8 +12,24 @@ import warnings
 import click
 from click.core import ParameterSource
 
-from .config import BANDS, CONVENTIONS, DETOKENIZERS, DOC_SPLITS, DTYPES, ENCODING_ERRORS, SELECT_FORMATS, SELECT_METRICS, build_config
-from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning
+from .config import (
+    ATTENTIONS,
+    BANDS,
+    CONVENTIONS,
+    DETOKENIZERS,
+    DOC_SPLITS,
+    DTYPES,
+    ENCODING_ERRORS,
+    QUANTIZATIONS,
+    SELECT_FORMATS,
+    SELECT_METRICS,
+    build_config,
+)
+from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning, first_line
+
+# Loggers that speak when transformers imports them, whether or not a run uses them: torchao's
+# "Failed to load" of its CUDA kernels on a CPU machine, torch's pytree deprecation notes.
+LIBRARY_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,14 +38,20 @@ def cli():
     """Exact, resumable corpus perplexity for Hugging Face causal language models."""
     warnings.showwarning = show_warning
     warnings.filterwarnings("always", category=PplWarning)  # every run's, not once per process
+    for noisy in LIBRARY_IMPORT_NOISE:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; CLI options override it.")
-@click.option("--model", help="Hub id, model directory, .gguf file or `smollm2-135m` (default).")
+@click.option("--model", multiple=True, help="Hub id, model directory, .gguf file or `smollm2-135m` (default); several, or a quoted glob of checkpoint folders, for a series.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="auto: bfloat16 on CUDA, float32 elsewhere.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--revisions", help="Several hub revisions of --model, comma-separated: a series, each scored into OUTPUT/<revision>/.")
+@click.option("--device-map", help="Spread the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON map {module: device}.")
+@click.option("--attn-implementation", type=click.Choice(ATTENTIONS), help="The attention kernel (default: sdpa).")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Quantize the model while it loads (bitsandbytes, torchao, quanto).")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
 @click.option("--reference-model", help="A reference model P scored on the same windows: KL(P || Q), top-1 agreement, delta p.")
@@ -84,6 +107,11 @@ def run(ctx, config_file, as_json, as_jsonl, quiet, debug, **options):
       ppl-eval run --data corpus.jsonl --jsonl | jq -c 'select(.token_perplexity > 100)'
     """
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    models = given.pop("model", ())
+    if len(models) == 1:
+        given["model"] = models[0]
+    elif models:  # --model given several times: a series
+        given.update(model=models[0], series=models)
     main_rank = os.environ.get("RANK", "0") == "0"
 
     def work():
@@ -92,11 +120,22 @@ def run(ctx, config_file, as_json, as_jsonl, quiet, debug, **options):
         config = build_config(config_file, **given)
         if quiet:
             silence_libraries()
+        if config.is_series:
+            if as_jsonl:
+                raise PplError("--jsonl prints one run's rows; a series writes each model's into OUTPUT/<name>/documents.jsonl")
+            from .series import evaluate_series
+
+            return evaluate_series(config, progress=not quiet)
         from .pipeline import evaluate
 
         return evaluate(config, progress=not quiet, on_rows=print_rows if as_jsonl and main_rank else None)
 
     result = guarded(work, debug)
+    if hasattr(result, "checkpoints"):  # a series
+        from .series import format_series
+
+        click.echo(json.dumps(result.series, indent=2, ensure_ascii=False) if as_json else format_series(result.series))
+        return
     if as_jsonl:
         if not quiet and main_rank:
             from .output.summary import format_summary
@@ -292,10 +331,6 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _lib
     else:
         _library(message, category, filename, lineno, file, line)
 
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def silence_libraries():

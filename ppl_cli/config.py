@@ -12,6 +12,9 @@ from pathlib import Path
 from .errors import PplError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")  # --attn-implementation, as from_pretrained takes it
+QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-int4", "quanto-int8", "quanto-int4")  # --quantize
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # --device-map, or a JSON map
 DOC_SPLITS = ("file", "line", "blank-line")
 ENCODING_ERRORS = ("strict", "replace")
 CONVENTIONS = ("sliding", "hf-recipe", "lm-eval", "llama-cpp")
@@ -20,6 +23,7 @@ SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_
 BANDS = ("low", "middle", "high")  # ppl-eval select --keep
 SELECT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # what ppl-eval select writes
 DEFAULT_MODEL = "smollm2-135m"
+GLOB = re.compile(r"[*?\[]")  # a --model with these is a glob of checkpoint folders (no hub id has them)
 DEFAULT_DATA = "python-docstrings"
 DEFAULT_CHAT_PROMPT = "Write a passage of text."  # --chat-wrap: the user turn each document answers
 DEFAULT_SCORE_ROLES = ("assistant",)
@@ -39,6 +43,11 @@ class Config:
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # spread the layers over devices: auto, balanced, sequential, or a JSON map {module: device}
+    attn_implementation: str | None = None  # None: sdpa (and on CPU in bfloat16 ppl-eval's blocked kernel)
+    quantize: str | None = None  # quantize on load: one of QUANTIZATIONS
+    series: tuple[str, ...] = ()  # several models (--model given several times, or a glob): each scored into OUTPUT/<name>/
+    revisions: tuple[str, ...] = ()  # or several hub revisions of `model`
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt weights, which can run code while unpickling
     # A reference model P scored on the same windows: KL(P || Q) and llama.cpp's statistics
@@ -90,6 +99,10 @@ class Config:
 
     def __post_init__(self):
         object.__setattr__(self, "data", as_tuple(self.data))
+        object.__setattr__(self, "series", as_tuple(self.series))
+        if isinstance(self.revisions, str):  # "a,b" as the CLI gives it
+            object.__setattr__(self, "revisions", tuple(r.strip() for r in self.revisions.split(",") if r.strip()))
+        object.__setattr__(self, "revisions", as_tuple(self.revisions))
         if isinstance(self.score_roles, str):  # "assistant,user" as the CLI gives it
             object.__setattr__(self, "score_roles", tuple(r.strip() for r in self.score_roles.split(",") if r.strip()))
         object.__setattr__(self, "score_roles", as_tuple(self.score_roles))
@@ -122,6 +135,7 @@ class Config:
             if getattr(self, flag) and not self.output:
                 raise PplError(f"--{flag.replace('_', '-')} needs an output directory (-o/--output)")
         self.check_conditional()
+        self.check_model_options()
         if self.group_by is not None and not self.group_by.strip():
             raise PplError("--group-by needs a field name (a dotted path), file or dir")
         if self.sample is not None and not 0 < self.sample <= 1:
@@ -136,6 +150,26 @@ class Config:
     @property
     def sampled(self) -> bool:
         return self.sample is not None or self.sample_per_group is not None
+
+    def check_model_options(self) -> None:
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTIONS:
+            raise PplError(f"attn-implementation must be one of {', '.join(ATTENTIONS)}, not {self.attn_implementation!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise PplError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS and not self.device_map.lstrip().startswith("{"):
+            if not self.device_map.endswith(".json"):
+                raise PplError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, a JSON map or a .json file, not {self.device_map!r}")
+        if self.series and self.revisions:
+            raise PplError("--revisions are revisions of one --model; give --model once")
+        if self.is_series and not self.output:
+            raise PplError("a series of models needs an output directory (-o/--output): each model is scored into OUTPUT/<name>/")
+        if self.revisions and self.revision:
+            raise PplError("--revision and --revisions: give one")
+
+    @property
+    def is_series(self) -> bool:
+        """Several models: --model given several times, a glob of checkpoint folders, or --revisions."""
+        return bool(self.series or self.revisions or GLOB.search(self.model))
 
     @property
     def conditional(self) -> str | None:
@@ -174,7 +208,8 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "data": list(self.data)}
+        """The fields as JSON holds them (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def field_names(cls=Config) -> list[str]:

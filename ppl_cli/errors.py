@@ -19,3 +19,9 @@ class PplError(Exception):
 
 class PplWarning(UserWarning):
     """Something the user should know that does not stop the run; the CLI prints it as one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line: its first, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

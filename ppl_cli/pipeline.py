@@ -29,75 +29,126 @@ from .output.token_export import keep_only_done
 from .runtime.signals import Interrupted, stop_signals
 
 
-def evaluate(config: Config, progress: bool = False, stdin=None, on_rows: Callable[[list[dict]], None] | None = None) -> Result:
-    """Score every document of config.data with config.model; write reports if config.output is set.
+@dataclass(frozen=True)
+class Caller:
+    """What the caller of evaluate() brings besides the configuration."""
+
+    progress: bool = False
+    stdin: Any = None
+    on_rows: Callable[[list[dict]], None] | None = None
+    model: Any = None  # a model in memory (any device, dtype or device map), scored as it is
+    tokenizer: Any = None
+
+
+@dataclass
+class Setup:
+    """What a run has before its model loads, passed on whole."""
+
+    config: Config
+    ranks: Any
+    sources: list
+    stream: DocumentStream
+    run_dir: RunDirectory
+    spool: Any
+    plan: Any  # the sample, for --sample and --sample-per-group
+    started: float
+
+
+def evaluate(
+    config: Config, progress: bool = False, stdin=None, on_rows: Callable[[list[dict]], None] | None = None, model=None, tokenizer=None
+) -> Result:
+    """Score every document of config.data with config.model, or with `model` and `tokenizer`
+    already in memory (left as they were found: mode, attention, gradients); write reports if
+    config.output is set.
 
     `on_rows` gets every document's row, in input order, as soon as it is final (`--jsonl`). Under
     torchrun each rank scores its share and rank 0 writes the reports (and hands the rows to
     `on_rows` as it joins the ranks' files, at the end); every rank returns the same summary.
+    A series of models (several, a glob, --revisions) is evaluate_series's.
     """
     from .runtime import distributed
 
+    if config.is_series:
+        raise PplError("this configuration names a series of models; score it with ppl_cli.evaluate_series(config)")
+    caller = Caller(progress, stdin, on_rows, model, tokenizer)
     ranks = distributed.start()
     finished = False
     try:
-        result = evaluate_ranks(config, ranks, progress, stdin, on_rows)
+        result = evaluate_ranks(config, ranks, caller)
         finished = True
         return result
     finally:
         distributed.stop(ranks, finished)
 
 
-def evaluate_ranks(config: Config, ranks, progress: bool, stdin, on_rows) -> Result:
+def evaluate_ranks(config: Config, ranks, caller: Caller) -> Result:
     started = time.perf_counter()
     if ranks.world > 1 and "-" in config.data:
         raise PplError("--data - (standard input) cannot be shared between torchrun ranks; use a file")
+    if ranks.world > 1 and config.device_map:
+        raise PplError("--device-map spreads one model over the GPUs; under torchrun each rank has its own GPU (--device auto)")
     sources = resolve_sources(config)
     plan = sample_plan(config, sources) if config.sampled else None
-    stream = DocumentStream(sources, config, sampled(share(config.shard, ranks.rank, ranks.world, joined_convention(config)), plan), stdin)
+    mine = sampled(share(config.shard, ranks.rank, ranks.world, joined_convention(config)), plan)
+    stream = DocumentStream(sources, config, mine, caller.stdin)
     stream.check()
     run_dir, spool = open_run_directory(config, ranks)
+    setup = Setup(config, ranks, sources, stream, run_dir, spool, plan, started)
     try:
-        return score_into(run_dir, spool, config, ranks, sources, stream, progress, on_rows, started, plan)
+        return score_into(setup, caller)
     except WriteError as e:
         raise PplError(resumable(e, run_dir), e.exit_code) from None
     finally:
         run_dir.close()
 
 
-def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, stream, progress: bool, on_rows, started: float, plan) -> Result:
-    """Load the model, score this process's documents into run_dir, and (rank 0) write the summary."""
+def score_into(setup: Setup, caller: Caller) -> Result:
+    """Load the model (or take the caller's), score this process's documents into the run
+    directory, and (rank 0) write the summary."""
     import torch
 
-    from .engine.loading import load_model, load_reference
+    from .engine.loading import in_memory, load_model, state_kept
+
+    config, ranks = setup.config, setup.ranks
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if caller.model is None:  # a tokenizer alone: one already loaded for this model (a series shares one)
+        return score_with(setup, caller, load_model(config, ranks.local_rank, caller.tokenizer))
+    with state_kept(caller.model):
+        return score_with(setup, caller, in_memory(caller.model, caller.tokenizer, config))
+
+
+def score_with(setup: Setup, caller: Caller, lm) -> Result:
+    from .engine.loading import load_reference
     from .engine.scorer import Scorer
     from .engine.tokenizing import background, batch_encoder, joined_document, tokenize_batch, tokenize_documents
     from .output.rows import RowSink, score_stream
     from .runtime.progress import Progress
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    lm = load_model(config, ranks.local_rank)
+    config, ranks, run_dir, stream = setup.config, setup.ranks, setup.run_dir, setup.stream
     windowing = resolve_windowing(config, lm)
     ref = load_reference(config, windowing, lm.tokenizer, ranks.local_rank) if config.reference_model else None
     conditional = conditional_sequences(config, lm, windowing)
-    identity = run_identity(config, lm.info, sources, windowing, ref and ref.info, conditional and conditional.identity)
+    identity = run_identity(config, lm.info, setup.sources, windowing, ref and ref.info, conditional and conditional.identity)
     begin_run(run_dir, ranks, identity)
 
     batch_tokens = config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window)
-    reference = Scorer(ref.model, ref.device, batch_tokens) if ref else None
-    scorer = Scorer(lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config))
+    own = caller.model is None  # a model of ours: the process is ours to tune too
+    reference = Scorer(ref.model, ref.device, batch_tokens, tune_memory=own) if ref else None
+    scorer = Scorer(lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config), tune_memory=own, one_window=lm.one_window)
     write_tokens = token_writer(run_dir.path, lm.tokenizer) if config.save_tokens else None
     encode = batch_encoder(lm.tokenizer)
-    sink = RowSink(run_dir.append, on_rows if ranks.world == 1 else None)
-    bar = Progress(stream, config.limit, progress and ranks.main)
+    sink = RowSink(run_dir.append, caller.on_rows if ranks.world == 1 else None)
+    bar = Progress(stream, config.limit, caller.progress and ranks.main)
+    sequences = conditional and conditional.sequences
     scoring_started = time.perf_counter()
     try:
-        batches = joined_document(stream, encode, windowing, run_dir.done_rows()) if joined_convention(config) else (
-            tokenize_documents(stream, encode, windowing, run_dir.done_rows(), conditional and conditional.sequences)
-        )
+        if joined_convention(config):
+            batches = joined_document(stream, encode, windowing, run_dir.done_rows())
+        else:
+            batches = tokenize_documents(stream, encode, windowing, run_dir.done_rows(), sequences)
         with stop_signals() as stop, background(batches) as items:
-            retokenize = lambda item: tokenize_batch([(item.index, item.document, None)], encode, windowing, conditional and conditional.sequences)[0]  # noqa: E731
+            retokenize = lambda item: tokenize_batch([(item.index, item.document, None)], encode, windowing, sequences)[0]  # noqa: E731
             tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, write_tokens)
     except Interrupted as e:
         raise stopped(e.signum, bar.documents, run_dir) from None
@@ -111,18 +162,19 @@ def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, str
         missing = [r for r, (t, _, _) in enumerate(parts) if t.scored and ranks.world > 1 and not run_dir.rank_file(r).exists()]
         if missing:
             raise PplError(f"{run_dir.rank_file(missing[0])} is missing: is {run_dir.path} on a filesystem every node shares?")
-        sampling = plan.describe() if plan is not None else None
-        data_info = data_description(sources, config, max(n for _, _, n in parts), add_fingerprints(fingerprint(d) for _, d, _ in parts), sampling)
+        sampling = setup.plan.describe() if setup.plan is not None else None
+        documents = max(n for _, _, n in parts)
+        data_info = data_description(setup.sources, config, documents, add_fingerprints(fingerprint(d) for _, d, _ in parts), sampling)
         skipped = sum((t.skipped for t, _, _ in parts), Counter())
 
         def summarize(rows, reference=(), contexts=()):
             timings = {
-                "wall_time_s": time.perf_counter() - started,
+                "wall_time_s": time.perf_counter() - setup.started,
                 "scoring_time_s": scoring_time,
                 "scored_now": sum(t.tokens for t, _, _ in parts),
             }
-            if on_rows is not None and ranks.world > 1:
-                rows = handed_on(rows, on_rows)
+            if caller.on_rows is not None and ranks.world > 1:
+                rows = handed_on(rows, caller.on_rows)
             summary = build_summary(config, rows, skipped, lm.info, data_info, windowing, timings, ref and ref.info, reference, contexts)
             check_something_scored(summary, config)
             return {**summary, "ranks": ranks.world}
@@ -134,7 +186,7 @@ def score_into(run_dir: RunDirectory, spool, config: Config, ranks, sources, str
     summary, failure = ranks.broadcast((summary, failure))
     if failure:
         raise PplError(*failure)
-    return Result(summary, run_dir.documents, spool)
+    return Result(summary, run_dir.documents, setup.spool)
 
 
 def sample_plan(config: Config, sources):

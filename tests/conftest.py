@@ -69,8 +69,9 @@ def save_tiny_gpt2(path: Path, n_positions=128) -> Path:
     return path
 
 
-def save_tiny_llama(path: Path) -> Path:
-    """A 2-layer Llama (RoPE, GQA, RMSNorm, untied head) with random weights and BOS <s>."""
+def save_tiny_llama(path: Path, hidden: int = 32, scale: float = 8.0) -> Path:
+    """A 2-layer Llama (RoPE, GQA, RMSNorm, untied head) with random weights and BOS <s>; `hidden` 64
+    or more for quantizers that work in blocks of 64, `scale` the weights' (random init is near-uniform)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -78,8 +79,8 @@ def save_tiny_llama(path: Path) -> Path:
     torch.manual_seed(1)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -91,7 +92,7 @@ def save_tiny_llama(path: Path) -> Path:
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # random init is near-uniform; larger weights make real differences between tokens
         for p in model.parameters():
-            p.mul_(8.0)
+            p.mul_(scale)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -124,6 +125,12 @@ def save_tiny_chat_llama(path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_64(tmp_path_factory) -> str:
+    """A tiny Llama 64 wide, its weights at twice the init's scale: quantizers' blocks fit it."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64, scale=2.0))
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,7 @@ def test_plan_batches_respects_the_token_budget():
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 20
     assert plan_batches([50], 20) == [[0]]  # longer than the budget: a batch of its own
+    assert plan_batches(lengths, 20, max_rows=1) == [[0], [3], [5], [2], [1], [4]]  # one window a batch (LLM.int8), longest first
 
 
 def test_split_head_is_used_and_full_logits_fallback_agrees(tiny_llama):

@@ -12,7 +12,7 @@ import heapq
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from ..data.records import MISSING_GROUP
 from ..engine.conventions import Windowing
 from ..errors import EXIT_DATA, PplError
 from ..output.metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
-from ..output.run_directory import DOCUMENTS_FILE, SUMMARY_FILE, read_rows
+from ..output.run_directory import DOCUMENTS_FILE, SERIES_FILE, SUMMARY_FILE, read_rows
 
 METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
 UNITS = ("tokens", "words", "bytes")  # the denominators, in the column order of the sums below
@@ -42,8 +42,8 @@ class CompareConfig:
     top: int = 5  # documents listed as most improved and most worsened
 
     def __post_init__(self):
-        if len(self.runs) < 2:
-            raise PplError("compare needs at least two result directories: the baseline, then the others")
+        if not self.runs:
+            raise PplError("compare needs at least two result directories (the baseline, then the others), or a series directory")
         if self.bootstrap_samples < 1:
             raise PplError("bootstrap-samples must be at least 1")
         if self.top < 0:
@@ -69,6 +69,11 @@ def metric_value(metric: str, nll: np.ndarray | float, units: np.ndarray | float
 
 
 def compare_runs(config: CompareConfig) -> dict:
+    """Each run against the first; a series directory alone: each checkpoint against the one before."""
+    if len(config.runs) == 1:
+        if (Path(config.runs[0]) / SERIES_FILE).is_file():
+            return compare_series(config)
+        raise PplError("compare needs at least two result directories (the baseline, then the others), or a series directory")
     runs = [read_run(Path(p)) for p in config.runs]
     matched = check_comparable(runs, config)
     totals = PairedTotals(len(runs), config.bootstrap_samples, config.seed, config.top, grouped="groups" in runs[0].summary)
@@ -77,6 +82,36 @@ def compare_runs(config: CompareConfig) -> dict:
     if totals.documents == 0:
         raise PplError("the runs have no scored document in common", EXIT_DATA)
     return totals.report(runs, matched)
+
+
+def compare_series(config: CompareConfig) -> dict:
+    """A series (run --model several times, a glob, --revisions): every checkpoint's numbers by step,
+    and its paired difference from the checkpoint before it."""
+    folder = Path(config.runs[0])
+    series = read_series(folder)
+    checkpoints = []
+    previous = None
+    for c in series["series"]:
+        summary = read_run(folder / c["dir"]).summary
+        entry = {"name": c["name"], "step": c["step"], "documents": summary["documents"]}
+        for metric in GROUP_METRICS:
+            entry[metric] = {"value": summary[metric], "ci": (summary.get("bootstrap") or {}).get(metric)}
+        if previous is not None:
+            pair = compare_runs(replace(config, runs=(str(folder / previous), str(folder / c["dir"]))))
+            entry["against_previous"] = {metric: pair[metric] for metric in GROUP_METRICS}
+        checkpoints.append(entry)
+        previous = c["dir"]
+    return {"series": str(folder), "checkpoints": checkpoints, "bootstrap": {"samples": config.bootstrap_samples, "seed": config.seed, "method": "paired poisson"}}
+
+
+def read_series(folder: Path) -> dict:
+    try:
+        series = json.loads((folder / SERIES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise PplError(f"{folder / SERIES_FILE} is unreadable", EXIT_DATA) from None
+    if not series.get("series"):
+        raise PplError(f"{folder} holds a series with no finished checkpoint", EXIT_DATA)
+    return series
 
 
 def read_run(path: Path) -> Run:
@@ -322,6 +357,8 @@ def listed(heap: list, improved: bool) -> list[dict]:
 
 def format_comparison(report: dict) -> str:
     """A few lines for a person."""
+    if "checkpoints" in report:
+        return format_series_comparison(report)
     lines = [f"baseline: {report['baseline']}"]
     for entry in report["runs"]:
         docs = entry["documents"]
@@ -367,7 +404,37 @@ def group_lines(entry: dict) -> list[str]:
     return lines
 
 
+def format_series_comparison(report: dict) -> str:
+    lines = [f"series {report['series']}, {len(report['checkpoints'])} checkpoints; each against the one before (paired):"]
+    width = max(len(c["name"]) for c in report["checkpoints"])
+    for c in report["checkpoints"]:
+        m = c["token_perplexity"]
+        ci = f"  ({number(m['ci'][0])} - {number(m['ci'][1])})" if m["ci"] else ""
+        step = f"step {c['step']:>8}" if c["step"] is not None else " " * 13
+        line = f"  {c['name']:{width}}  {step}  token perplexity {number(m['value'])}{ci}"
+        if "against_previous" in c:
+            d = c["against_previous"]["token_perplexity"]
+            line += f"  {signed(d['delta'])}" + interval(d)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def series_markdown(report: dict) -> str:
+    lines = ["| checkpoint | step | token perplexity | 95% CI | vs previous | 95% CI | p |", "|---|---|---|---|---|---|---|"]
+    for c in report["checkpoints"]:
+        m = c["token_perplexity"]
+        ci = f"[{number(m['ci'][0])}, {number(m['ci'][1])}]" if m["ci"] else "n/a"
+        d = c.get("against_previous", {}).get("token_perplexity")
+        delta = signed(d["delta"]) if d else ""
+        d_ci = f"[{signed(d['ci'][0])}, {signed(d['ci'][1])}]" if d and d["ci"] else ""
+        p = f"{d['p_value']:.4f}" if d and d["p_value"] is not None else ""
+        lines.append(f"| {c['name']} | {c['step'] if c['step'] is not None else ''} | {number(m['value'])} | {ci} | {delta} | {d_ci} | {p} |")
+    return "\n".join(lines)
+
+
 def format_markdown(report: dict) -> str:
+    if "checkpoints" in report:
+        return series_markdown(report)
     lines = ["| run | metric | baseline | run | difference | 95% CI | p |", "|---|---|---|---|---|---|---|"]
     for entry in report["runs"]:
         for metric in METRICS:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import heapq
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EXIT_OUTPUT, PplError
-from ..output.run_directory import DOCUMENTS_FILE, read_rows, write_atomic
+from ..output.run_directory import DOCUMENTS_FILE, SERIES_FILE, read_rows, write_atomic
 from ..output.token_export import TOKENS_DIR
 from .compare import CompareConfig, Run, compare_runs, joined_rows, read_run
 
@@ -53,7 +53,13 @@ class RunScan:
 
 
 def build_report(config: ReportConfig) -> dict:
-    """Write the page; returns what it shows (for tests and the CLI's message)."""
+    """Write the page; returns what it shows (for tests and the CLI's message). A series directory
+    alone gets its curve (each metric against step) and its checkpoints' paired changes, then the
+    page of its last checkpoint."""
+    series = None
+    if len(config.runs) == 1 and (Path(config.runs[0]) / SERIES_FILE).is_file():
+        series = compare_runs(CompareConfig(config.runs))
+        config = replace(config, runs=(str(Path(config.runs[0]) / Path(series["checkpoints"][-1]["name"])),))
     runs = [read_run(Path(p)) for p in config.runs]
     scans = [scan(run, config.documents) for run in runs]
     plots = {
@@ -68,13 +74,15 @@ def build_report(config: ReportConfig) -> dict:
             refusal = str(e)
         if comparison:
             plots["nll_scatter"] = scatter_figure(runs)
+    if series is not None:
+        plots["series_curve"] = series_figure(series)
     if "groups" in runs[0].summary:
         plots["group_perplexity"] = group_figure(runs)
         if comparison and "groups" in comparison["runs"][0]:
             plots["group_deltas"] = forest_figure(comparison)
     shown = shown_documents(runs[0], scans[0], config.tokens)
     svgs = {name: figure_svg(fig) for name, fig in plots.items()}
-    page = render(runs, scans, svgs, comparison, refusal, shown, config)
+    page = render(runs, scans, svgs, comparison, refusal, shown, config, series)
     output = Path(config.output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +196,23 @@ def scatter_figure(runs: list[Run]):
     ax.legend(frameon=False)
     note = f"every {every}th document" if every > 1 else "every document"
     ax.set_title(note, fontsize=9, color="#666")
+    return fig
+
+
+def series_figure(series: dict):
+    """Token perplexity against step (or checkpoint order), with each checkpoint's 95% interval."""
+    fig, ax = new_figure()
+    checkpoints = series["checkpoints"]
+    by_step = all(c["step"] is not None for c in checkpoints)
+    xs = [c["step"] if by_step else k for k, c in enumerate(checkpoints)]
+    ys = [c["token_perplexity"]["value"] for c in checkpoints]
+    low = [y - (c["token_perplexity"]["ci"] or [y, y])[0] for y, c in zip(ys, checkpoints)]
+    high = [(c["token_perplexity"]["ci"] or [y, y])[1] - y for y, c in zip(ys, checkpoints)]
+    ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", markersize=4, capsize=3, color=COLOURS[0])
+    if not by_step:
+        ax.set_xticks(xs, [c["name"][:16] for c in checkpoints], rotation=30, fontsize=8)
+    ax.set_xlabel("step" if by_step else "checkpoint")
+    ax.set_ylabel("token perplexity (95% interval)")
     return fig
 
 
@@ -319,7 +344,7 @@ def surprisal_step(nats: float) -> int:
 # --- the page -----------------------------------------------------------------------------------
 
 
-def render(runs, scans, svgs, comparison, refusal, shown, config) -> str:
+def render(runs, scans, svgs, comparison, refusal, shown, config, series=None) -> str:
     """The page from templates/report.html; numbers are formatted here, markup is the template's."""
     import jinja2
 
@@ -340,7 +365,29 @@ def render(runs, scans, svgs, comparison, refusal, shown, config) -> str:
         config=config,
         steps=SURPRISAL_STEPS,
         groups=group_rows(runs[0].summary),
+        series=series_rows(series),
     )
+
+
+def series_rows(series: dict | None) -> dict | None:
+    """A series' checkpoints for the page's table, formatted."""
+    if series is None:
+        return None
+    rows = []
+    for c in series["checkpoints"]:
+        m = c["token_perplexity"]
+        d = c.get("against_previous", {}).get("token_perplexity")
+        rows.append({
+            "name": c["name"],
+            "step": f"{c['step']:,}" if c["step"] is not None else "",
+            "token_perplexity": fmt(m["value"]),
+            "interval": f"{fmt(m['ci'][0])} – {fmt(m['ci'][1])}" if m["ci"] else "",
+            "bits_per_byte": fmt(c["bits_per_byte"]["value"]),
+            "delta": f"{d['delta']:+.4f}" if d else "",
+            "delta_interval": f"{d['ci'][0]:+.4f} – {d['ci'][1]:+.4f}" if d and d["ci"] else "",
+            "p": f"{d['p_value']:.4f}" if d and d["p_value"] is not None else "",
+        })  # fmt: skip
+    return {"path": series["series"], "rows": rows}
 
 
 GROUP_ROWS = 500  # the page's table of groups stops here; summary.json has them all

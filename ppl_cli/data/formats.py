@@ -19,9 +19,9 @@ from dataclasses import replace
 from typing import BinaryIO
 
 from ..config import Config
-from ..errors import EXIT_DATA, PplError
+from ..errors import EXIT_DATA, PplError, first_line
 from .records import MISSING, Document, Record, field_value, top_level_fields
-from .sources import WIKITEXT_HUB, ByteCounter, Source, first_line, open_binary, open_seekable
+from .sources import WIKITEXT_HUB, ByteCounter, Source, open_binary, open_seekable
 
 # Standard-library modules whose docstrings are long English prose, in a fixed order. They are
 # read from the installed sources (never imported); the text varies a little between Python

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from ..config import Config
-from ..errors import EXIT_DATA, PplError
+from ..errors import EXIT_DATA, PplError, first_line
 
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 FORMATS = {
@@ -273,8 +273,3 @@ class CountingReader(io.RawIOBase):
         if self.owned:
             self.inner.close()
         super().close()
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import EXIT_MODEL, EXIT_NUMERIC, PplError
 from .attention import use_blocked_attention
-from .loading import probe_ids
+from .loading import no_gradients, probe_ids
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per head chunk: 64 MiB in float32
 PAD_ID = 0  # right padding is never attended to by real tokens under a causal mask
@@ -55,8 +55,13 @@ TOKEN_VALUES = ("nll", "ref_nll", "kld", "same_top", "delta_p", "entropy", "rank
 
 
 class Scorer:
-    def __init__(self, model, device, max_batch_tokens: int, reference: Scorer | None = None, keep: tuple[str, ...] = ()):
-        """`reference`: a second model's Scorer, run on the same windows; `keep`: per-token values to return."""
+    def __init__(
+        self, model, device, max_batch_tokens: int, reference: Scorer | None = None, keep: tuple[str, ...] = (), tune_memory: bool = True, one_window: bool = False
+    ):
+        """`reference`: a second model's Scorer, run on the same windows; `keep`: per-token values to
+        return; `tune_memory`: set the process's allocator for speed (not in a caller's process);
+        `one_window`: a batch of one window only (a model whose numbers depend on the batch)."""
+        self.one_window = one_window
         self.model = model
         self.device = device
         self.max_batch_tokens = max_batch_tokens
@@ -65,7 +70,7 @@ class Scorer:
         self.decoder = model.base_model
         self.head = model.get_output_embeddings()
         use_blocked_attention(model)  # bfloat16 on CPU only
-        if device.type == "cpu":
+        if device.type == "cpu" and tune_memory:
             keep_freed_memory()
         # Models that post-process logits (soft-capping, scaling) need the full forward.
         self.split_head = head_reproduces_logits(model, device)
@@ -73,7 +78,7 @@ class Scorer:
     def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[Scored]:
         """The sums (and kept per-token values) of each job's scored tokens, in nats."""
         totals: list[Scored] = [Scored({})] * len(jobs)
-        for batch in plan_batches([job.reads for job in jobs], self.max_batch_tokens):
+        for batch in plan_batches([job.reads for job in jobs], self.max_batch_tokens, 1 if self.one_window else None):
             for index, scored in zip(batch, self.score_batch([jobs[i] for i in batch])):
                 totals[index] = scored
             if on_tokens:
@@ -83,7 +88,7 @@ class Scorer:
     def score_batch(self, jobs: list[Job]) -> list[Scored]:
         """Score one batch; on CUDA out-of-memory, score it in halves (same numbers, smaller batches)."""
         try:
-            with torch.inference_mode():
+            with no_gradients(self.model):
                 return self.forward(jobs)
         except torch.OutOfMemoryError:
             if len(jobs) == 1:
@@ -109,7 +114,7 @@ class Scorer:
         rows = torch.cat(rows).to(self.device)
         targets = torch.cat(targets).to(self.device)
         owner = torch.cat(owner).to(self.device)
-        values = self.token_values(inputs, rows, targets)  # name -> [N]
+        values = {name: v.to(self.device) for name, v in self.token_values(inputs, rows, targets).items()}  # name -> [N]
         for name in ("nll", "kld"):
             if name in values and not torch.isfinite(values[name]).all():
                 raise PplError(
@@ -133,10 +138,10 @@ class Scorer:
         """Decoder hidden states [N, H] at the scored rows and the LM head, or (models whose logits
         are not lm_head(hidden)) the logits [N, V] and None."""
         if self.split_head:
-            hidden = self.decoder(input_ids=inputs, use_cache=False).last_hidden_state  # [B, width, H]
-            return hidden.reshape(-1, hidden.shape[-1])[rows], self.head
+            hidden = self.decoder(input_ids=inputs, use_cache=False).last_hidden_state  # [B, width, H], on the last layer's device
+            return hidden.reshape(-1, hidden.shape[-1])[rows.to(hidden.device)], self.head
         logits = self.model(input_ids=inputs, use_cache=False).logits  # [B, width, V]
-        return logits.reshape(-1, logits.shape[-1])[rows], None
+        return logits.reshape(-1, logits.shape[-1])[rows.to(logits.device)], None
 
     def token_values(self, inputs, rows, targets) -> dict[str, torch.Tensor]:
         hidden, head = self.positions(inputs, rows)
@@ -177,8 +182,8 @@ def token_nll(rows: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
     out = torch.empty(len(targets), dtype=torch.float32, device=rows.device)
     for start in range(0, len(targets), chunk):
         part = rows[start : start + chunk]
-        logits = (head(part) if head is not None else part).float()  # [chunk, V]
-        out[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+        logits = (head(part) if head is not None else part).float()  # [chunk, V], where the head lives
+        out[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk].to(logits.device), reduction="none")
     return out
 
 
@@ -197,8 +202,8 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
     out = {name: torch.empty(len(targets), dtype=torch.float32, device=rows.device) for name in names}
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
-        target = targets[part].unsqueeze(1)  # [c, 1]
-        logq = F.log_softmax((head(rows[part]) if head is not None else rows[part]).float(), dim=-1)  # [c, V]
+        logq = F.log_softmax((head(rows[part]) if head is not None else rows[part]).float(), dim=-1)  # [c, V], where the head lives
+        target = targets[part].unsqueeze(1).to(logq.device)  # [c, 1]
         own = logq.gather(1, target)  # [c, 1]
         out["nll"][part] = -own[:, 0]
         if "entropy" in out:
@@ -217,8 +222,9 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
     return out
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Group job indices, longest first, so that rows * longest length <= max_batch_tokens.
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Group job indices, longest first, so that rows * longest length <= max_batch_tokens (and
+    rows <= max_rows).
 
     Sorting by length keeps padding small; a job longer than the budget gets a batch of its own.
     The plan depends only on the lengths, so it is the same on every run.
@@ -226,7 +232,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens and len(batches[-1]) != max_rows:
             batches[-1].append(i)
         else:
             batches.append([i])
@@ -259,7 +265,7 @@ def head_reproduces_logits(model, device) -> bool:
         return False
     vocab = head.weight.shape[0]
     probe = probe_ids(vocab, device)
-    with torch.inference_mode():
+    with no_gradients(model):
         try:
             hidden = model.base_model(input_ids=probe, use_cache=False).last_hidden_state
         except Exception:  # a model whose base takes other inputs: use the full forward

@@ -27,6 +27,7 @@ REFERENCE_STEM = "reference"  # reference.jsonl: a --reference-model run's per-d
 ROW_STEMS = (DOCUMENTS_STEM, CONTEXTS_STEM, REFERENCE_STEM)  # the files of per-document lines, STEM.jsonl
 CSV_FILE = "documents.csv"
 SUMMARY_FILE = "summary.json"
+SERIES_FILE = "series.json"  # a series' directory: its checkpoints, each a run directory beside it
 OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
 UMASK = os.umask(0)
 os.umask(UMASK)
