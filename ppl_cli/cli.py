@@ -74,6 +74,8 @@ def cli():
 @click.option("--chat-wrap", is_flag=True, help="Score each plain document as the assistant's reply to --chat-prompt.")
 @click.option("--chat-prompt", help="The user turn that --chat-wrap puts before each document.")
 @click.option("--ifd", is_flag=True, help="Also score each continuation without its context: unconditional_nll_sum and ifd.")
+@click.option("--signals", is_flag=True, help="Add membership and uncertainty signals to each row: min_k, min_k_plus_plus, zlib_ratio, mean_entropy (reference_ratio with --reference-model).")
+@click.option("--min-k", type=float, help="k of Min-K%% and Min-K%%++: the share of a document's least likely tokens averaged (default: 0.2).")
 @click.option("--group-by", help="Report metrics per group: a field (dotted path), file (the source file) or dir (its folder).")
 @click.option("--max-groups", type=int, help="More groups than this is an error (default: 10000).")
 @click.option("--sample-per-group", type=int, help="Estimate from a seeded sample of N documents a group (with --group-by).")

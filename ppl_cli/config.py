@@ -19,7 +19,8 @@ DOC_SPLITS = ("file", "line", "blank-line")
 ENCODING_ERRORS = ("strict", "replace")
 CONVENTIONS = ("sliding", "hf-recipe", "lm-eval", "llama-cpp")
 DETOKENIZERS = ("none", "wikitext")
-SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "ifd")  # ppl-eval select --metric
+SIGNAL_METRICS = ("min_k", "min_k_plus_plus", "zlib_ratio", "mean_entropy", "reference_ratio")  # --signals' per-document values
+SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "ifd", *SIGNAL_METRICS)  # ppl-eval select --metric
 BANDS = ("low", "middle", "high")  # ppl-eval select --keep
 SELECT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # what ppl-eval select writes
 DEFAULT_MODEL = "smollm2-135m"
@@ -73,6 +74,9 @@ class Config:
     chat_wrap: bool = False  # each plain document as the assistant's reply to chat_prompt
     chat_prompt: str = DEFAULT_CHAT_PROMPT
     ifd: bool = False  # also score each continuation without its context: unconditional_nll_sum and ifd
+    # Membership and uncertainty signals of each document (docs/signals.md)
+    signals: bool = False  # min_k, min_k_plus_plus, zlib_ratio, mean_entropy (and reference_ratio with a reference model)
+    min_k: float = 0.2  # k of Min-K% and Min-K%++: the share of a document's least likely tokens averaged
     # Domains
     group_by: str | None = None  # a field (dotted path), `file` or `dir`: metrics per group
     max_groups: int = 10_000
@@ -123,6 +127,10 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise PplError(f"{name.replace('_', '-')} must be at least {low}, got {value}")
+        if not 0 < self.min_k <= 1:
+            raise PplError(f"--min-k is a share of the tokens in (0, 1], not {self.min_k}")
+        if self.min_k != 0.2 and not self.signals:
+            raise PplError("--min-k sets k of the Min-K% signals: it needs --signals")
         if self.bootstrap_samples < 0:
             raise PplError("bootstrap-samples must be 0 (off) or more")
         if not self.model.strip():

@@ -23,7 +23,7 @@ from .data.sharding import share
 from .data.sources import resolve_sources
 from .engine.conventions import JOINED_CONVENTIONS, resolve_windowing
 from .errors import EXIT_DATA, PplError
-from .output.run_directory import Result, RunDirectory, WriteError
+from .output.run_directory import Result, RunDirectory, WriteError, csv_columns
 from .output.summary import build_summary, data_description, run_identity
 from .output.token_export import keep_only_done
 from .runtime.signals import Interrupted, stop_signals
@@ -149,7 +149,7 @@ def score_with(setup: Setup, caller: Caller, lm) -> Result:
             batches = tokenize_documents(stream, encode, windowing, run_dir.done_rows(), sequences)
         with stop_signals() as stop, background(batches) as items:
             retokenize = lambda item: tokenize_batch([(item.index, item.document, None)], encode, windowing, sequences)[0]  # noqa: E731
-            tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, write_tokens)
+            tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, write_tokens, config.min_k if config.signals else None)
     except Interrupted as e:
         raise stopped(e.signum, bar.documents, run_dir) from None
     finally:
@@ -180,7 +180,7 @@ def score_with(setup: Setup, caller: Caller, lm) -> Result:
             return {**summary, "ranks": ranks.world}
 
         try:
-            summary = run_dir.finish(summarize, grouped=config.group_by is not None)
+            summary = run_dir.finish(summarize, columns=csv_columns(config.group_by is not None, config.signals, config.reference_model is not None))
         except PplError as e:  # every rank raises it, not rank 0 alone while the others wait
             failure = (resumable(e, run_dir), e.exit_code)
     summary, failure = ranks.broadcast((summary, failure))
@@ -283,13 +283,15 @@ def conditional_sequences(config: Config, lm, windowing) -> ConditionalRun | Non
 
 def kept_token_values(config: Config) -> tuple[str, ...]:
     """The per-token values the scorer hands back: the NLL (for contexts.jsonl), a reference's KL
-    and delta p (reference.jsonl), and for --save-tokens entropy and rank too."""
+    and delta p (reference.jsonl), for --save-tokens entropy and rank too, for --signals entropy and z."""
     keep = ["nll"]
     if config.reference_model:
         keep += ["kld", "delta_p"] + (["ref_nll"] if config.save_tokens else [])
     if config.save_tokens:
         keep += ["entropy", "rank"]
-    return tuple(keep)
+    if config.signals:
+        keep += ["entropy", "z"]
+    return tuple(dict.fromkeys(keep))
 
 
 def token_writer(folder: Path, tokenizer):

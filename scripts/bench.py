@@ -7,6 +7,8 @@
     python scripts/bench.py --dtypes float32 --floor          # and the forward passes alone: the ceiling
     python scripts/bench.py --convention lm-eval --paired 12  # one window, engines alternating: compute alone
     python scripts/bench.py --paired 12 --save-tokens          # and what --save-tokens costs a window
+    python scripts/bench.py --dtypes float32 --signals --repeat 3   # and what --signals costs a run
+    python scripts/bench.py --device cuda --shape llama-1b.json --lm-eval-batch auto   # a random model of that shape
 
 The articles are joined into one document and tokenized without special tokens, so every run
 scores exactly the tokens the recipe scores. Each engine prints scored tokens/s, tokens/s through
@@ -16,6 +18,13 @@ weights, and its perplexity and difference from the baseline's exact per-token p
 no log-softmax): the least time any exact engine built on torch's kernels needs, so its speedup
 is the ceiling for ppl-eval's. `--save-tokens` adds ppl-eval with every scored token's log
 probability, entropy and rank computed and written to Parquet, as `run --save-tokens` does.
+`--signals` adds ppl-eval computing every token's entropy and Min-K%++ z in the LM head chunks and
+the document's signals from them, as `run --signals` does. `--shape CONFIG.json` replaces the
+model's weights by a seeded random model of that Llama configuration (speed only: its perplexity
+means nothing), the text still tokenized by `--model`'s tokenizer. On CUDA each ppl-eval row also
+gives the share of its time the GPU spends outside the forward passes (CUDA events around each
+batch's forward against wall time: tokenizing, batching, copies; launch gaps inside a forward are
+not counted).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from ppl_cli.engine.loading import SLOW_MATMUL_RATIO, load_model, resolve_device
 from ppl_cli.engine.scorer import Job, Scorer  # noqa: E402
 from ppl_cli.engine.windows import lm_eval_windows, sliding_windows  # noqa: E402
 from ppl_cli.output.rows import score_documents, scored_positions, token_values  # noqa: E402
+from ppl_cli.output.signals import document_signals  # noqa: E402
 from ppl_cli.output.token_export import TokenPieces, document_table, write_part  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens  # noqa: E402
 
@@ -63,6 +73,8 @@ def main() -> None:
     parser.add_argument("--convention", choices=["sliding", "lm-eval"], default="sliding",
                         help="sliding: baseline the HF recipe; lm-eval: baseline lm-evaluation-harness itself "
                         "(its port below where lm_eval is not installed)")  # fmt: skip
+    parser.add_argument("--lm-eval-batch", default="1", help="lm-eval's batch size: a number, or auto (its own search: 64, halved on out-of-memory)")
+    parser.add_argument("--shape", help="a Llama config.json: score a seeded random model of that shape instead (speed only)")
     parser.add_argument("--lm-eval-port", action="store_true",
                         help="baseline the port of lm-eval's loop even where lm_eval is installed")  # fmt: skip
     parser.add_argument("--device", default="auto")
@@ -72,6 +84,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every engine; each keeps its fastest")
     parser.add_argument("--floor", action="store_true", help="also time the float32 forward passes alone")
     parser.add_argument("--save-tokens", action="store_true", help="also time float32 with every token saved to Parquet")
+    parser.add_argument("--signals", action="store_true", help="also time float32 with --signals")
     parser.add_argument("--paired", type=int, metavar="ROUNDS",
                         help="instead: one steady-state window, the engines taking turns ROUNDS times in this "
                         "one process (compute alone, resistant to drift; see paired_windows)")  # fmt: skip
@@ -103,6 +116,8 @@ def main() -> None:
         engines.append("floor:float32")
     if args.save_tokens:
         engines.append("tokens:float32")
+    if args.signals:
+        engines.append("signals:float32")
 
     # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
     # keep_freed_memory) must not speed up the baseline. --repeat: the engines take turns, round
@@ -130,6 +145,8 @@ def main() -> None:
         row["through_tokens_per_s"] = row.pop("through") / seconds
         row["gflop_per_s"] = row.pop("flops") / seconds / 1e9
         row["fraction_of_peak"] = row["gflop_per_s"] / peaks[row["dtype"]]
+        busy = row.pop("gpu_busy_s", None)
+        row["gpu_wait_share"] = 1 - busy / seconds if busy is not None else None
         row["speedup"] = row["scored_tokens_per_s"] / baseline_rate
         row["ppl_vs_baseline"] = row["perplexity"] / baseline["perplexity"] - 1 if row["perplexity"] else None
     corpus = baseline.pop("corpus")
@@ -163,9 +180,9 @@ def run_engine(args) -> dict:
         windows = lm_eval_windows(len(sequence), args.window)
         if not real_lm_eval(args):
             baseline_name = "lm-eval-loop"
-            run_baseline = lambda: lm_eval_loop(lm.model, ids, prefix, args.window, lm.device)  # noqa: E731
+            run_baseline = lambda: lm_eval_loop(lm.model, ids, prefix, args.window, lm.device, args.lm_eval_batch)  # noqa: E731
         else:
-            baseline_name, run_baseline = lm_eval_harness(lm, "".join(d.text for d in docs), len(ids), args.window)
+            baseline_name, run_baseline = lm_eval_harness(lm, "".join(d.text for d in docs), len(ids), args.window, args.lm_eval_batch)
     else:
         sequence = ids
         windowing = Windowing("sliding", args.window, args.stride, False, None)
@@ -178,10 +195,15 @@ def run_engine(args) -> dict:
         row = measure(baseline_name, dtype, run_baseline, lm)
     elif kind == "ppl-eval":
         scorer = Scorer(lm.model.to(getattr(torch, dtype)), lm.device, batch_tokens)
-        row = measure("ppl-eval", dtype, lambda: (document_nll(scorer, sequence, windowing), scored), lm)
+        with gpu_busy(scorer) as busy:
+            row = measure("ppl-eval", dtype, lambda: (document_nll(scorer, sequence, windowing), scored), lm)
+        row["gpu_busy_s"] = busy()
     elif kind == "tokens":
         save = TokenSaver(lm, batch_tokens)
         row = measure("ppl-eval --save-tokens", dtype, lambda: (save.document(sequence, windowing), scored), lm)
+    elif kind == "signals":
+        signals = SignalScorer(lm, batch_tokens, "".join(d.text for d in docs))
+        row = measure("ppl-eval --signals", dtype, lambda: (signals.document(sequence, windowing), scored), lm)
     else:
         scorer = Scorer(lm.model, lm.device, batch_tokens)
         row = measure("floor", dtype, lambda: forward_floor(scorer, sequence, windowing, scored), lm)
@@ -192,11 +214,52 @@ def run_engine(args) -> dict:
 
 
 def load_inputs(args):
-    """The model in float32, the benchmark documents, and their joined text's token ids."""
+    """The model in float32 (or a random one of --shape), the benchmark documents, and their joined text's token ids."""
     docs = load_documents(Config(data=args.data, limit=args.articles))
     lm = load_model(Config(model=args.model, device=args.device, dtype="float32"))
+    if args.shape:
+        lm = random_model(lm, Path(args.shape))
     ids = lm.tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
     return lm, docs, ids
+
+
+def random_model(lm, shape: Path):
+    """A seeded random Llama of the configuration in `shape`, in float32 on lm's device, in lm's place."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**json.loads(shape.read_text()))
+    torch.manual_seed(0)
+    with torch.device(lm.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if lm.tokenizer.vocab_size > config.vocab_size:
+        sys.exit(f"bench: --shape's vocabulary ({config.vocab_size}) is smaller than --model's tokenizer's ({lm.tokenizer.vocab_size})")
+    return dataclasses.replace(lm, model=model, info={**lm.info, "id": f"random {shape.stem}"})
+
+
+@contextlib.contextmanager
+def gpu_busy(scorer):
+    """On CUDA, time each batch's forward with CUDA events; yields a function giving their sum in seconds (None on CPU)."""
+    if scorer.device.type != "cuda":
+        yield lambda: None
+        return
+    spans = []
+    forward = scorer.forward
+
+    def timed(jobs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = forward(jobs)
+        end.record()
+        spans.append((start, end))
+        return out
+
+    scorer.forward = timed
+    try:
+        yield lambda: (torch.cuda.synchronize(), sum(a.elapsed_time(b) for a, b in spans) / 1000)[1]
+    finally:
+        scorer.forward = forward
 
 
 def real_lm_eval(args) -> bool:
@@ -228,6 +291,27 @@ class TokenSaver:
         return scored.sums["nll_sum"]
 
 
+class SignalScorer:
+    """ppl-eval's engine as `run --signals` runs it: entropy and z kept in the LM head chunks, then
+    the document's signals from them."""
+
+    def __init__(self, lm, batch_tokens, text):
+        self.scorer = Scorer(lm.model, lm.device, batch_tokens, keep=("nll", "entropy", "z"))
+        self.text = text
+
+    def document(self, ids, windowing) -> float:
+        scored = score_documents(self.scorer, [ids], windowing, None)[0]
+        return self.signals(token_values(scored), sum(s.sums["nll_sum"] for _, s in scored))
+
+    def job(self, job) -> float:
+        [scored] = self.scorer.score([job])
+        return self.signals(scored.tokens, scored.sums["nll_sum"])
+
+    def signals(self, values, nll_sum) -> float:
+        document_signals(values, (self.text,), 0.2, {"nll_sum": nll_sum, "tokens": len(values["nll"])})
+        return nll_sum
+
+
 def forward_floor(scorer, sequence, windowing, scored):
     """ppl-eval's engine with the loss taken out: its batches, decoder and LM head chunks, but each
     chunk's logits are dropped instead of going through log-softmax. Returns no NLL (None)."""
@@ -255,13 +339,13 @@ def loss_taken_out():
         scorer_module.token_nll = token_nll
 
 
-def lm_eval_harness(lm, text, tokens, window):
+def lm_eval_harness(lm, text, tokens, window, batch_size="1"):
     """lm-evaluation-harness itself, in this process, on the loaded model: HFLM.loglikelihood_rolling
-    at batch size 1 (faster than larger batches on a small CPU), as `lm_eval --model hf` runs it."""
+    at `batch_size` (1 is fastest on a small CPU; auto on a GPU), as `lm_eval --model hf` runs it."""
     from lm_eval import __version__
     from lm_eval.api.instance import Instance
 
-    harness = lm_eval_hflm(lm, window)
+    harness = lm_eval_hflm(lm, window, batch_size)
     request = Instance("loglikelihood_rolling", {}, (text,), 0)
 
     def run():
@@ -271,16 +355,17 @@ def lm_eval_harness(lm, text, tokens, window):
     return f"lm-eval {__version__}", run
 
 
-def lm_eval_hflm(lm, window):
+def lm_eval_hflm(lm, window, batch_size="1"):
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1, max_length=window, device=str(lm.device))
+    return HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, max_length=window, device=str(lm.device))
 
 
-def lm_eval_loop(model, ids, prefix, max_seq_len, device):
-    """lm-evaluation-harness's loglikelihood_rolling at batch size 1, as its HFLM runs it: the
-    rolling windows of utils.get_rolling_token_windows (context_len=1) made disjoint, each scored
-    with F.log_softmax over the model's full logits and a gather of the continuation."""
+def lm_eval_loop(model, ids, prefix, max_seq_len, device, batch_size="1"):
+    """lm-evaluation-harness's loglikelihood_rolling as its HFLM runs it: the rolling windows of
+    utils.get_rolling_token_windows (context_len=1) made disjoint, each scored with F.log_softmax
+    over the model's full logits and a gather of the continuation; `batch_size` windows of one
+    length at a time ("auto": lm-eval's search, 64 halved until a batch fits)."""
     pairs, predicted = [], 0
     first = min(max_seq_len, len(ids))
     pairs.append(([prefix] + ids[: first - 1], ids[:first]))
@@ -290,11 +375,49 @@ def lm_eval_loop(model, ids, prefix, max_seq_len, device):
         window_end = predicted + window_pred_len
         pairs.append((ids[window_end - max_seq_len - 1 : window_end - 1], ids[window_end - window_pred_len : window_end]))
         predicted += window_pred_len
+    pairs = [(context[: len(context) - (len(continuation) - 1)], continuation) for context, continuation in pairs]
+    size = auto_batch_size(model, max_seq_len, device) if batch_size == "auto" else int(batch_size)
     loglikelihood = 0.0
-    for context, continuation in pairs:
-        context = context[: len(context) - (len(continuation) - 1)]
-        loglikelihood += lm_eval_window(model, context, continuation, max_seq_len, device)
+    if size == 1:
+        for context, continuation in pairs:
+            loglikelihood += lm_eval_window(model, context, continuation, max_seq_len, device)
+        return -loglikelihood, len(ids)
+    by_length: dict[int, list] = {}
+    for context, continuation in pairs:  # full windows share one shape; the short ones go alone
+        by_length.setdefault(len(context + continuation), []).append((context, continuation))
+    for group in by_length.values():
+        for start in range(0, len(group), size):
+            loglikelihood += lm_eval_batch(model, group[start : start + size], max_seq_len, device)
     return -loglikelihood, len(ids)
+
+
+def auto_batch_size(model, max_seq_len, device, start=64) -> int:
+    """lm-eval's automatic batch size: the largest of 64, 32, ... whose full-length forward fits."""
+    size = start
+    while size > 1:
+        try:
+            with torch.no_grad():
+                model(torch.zeros((size, max_seq_len), dtype=torch.long, device=device)).logits.log_softmax(-1)
+            return size
+        except torch.OutOfMemoryError:
+            size //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return 1
+
+
+def lm_eval_batch(model, pairs, max_seq_len, device) -> float:
+    """Windows of one length in one forward, each continuation's log-likelihood summed."""
+    import torch.nn.functional as F
+
+    inputs = torch.tensor([(c + t)[-(max_seq_len + 1) :][:-1] for c, t in pairs], device=device)
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(inputs).logits, dim=-1)  # [B, L, V]
+    total = 0.0
+    for b, (_, continuation) in enumerate(pairs):
+        target = torch.tensor(continuation, device=device).unsqueeze(-1)
+        total += torch.gather(logprobs[b, -len(continuation) :], 1, target).sum().item()
+    return total
 
 
 def lm_eval_window(model, context, continuation, max_seq_len, device) -> float:
@@ -380,6 +503,9 @@ def paired_windows(args) -> None:
     if args.save_tokens:
         save = TokenSaver(lm, window)
         engines["ppl-eval --save-tokens"] = lambda: save.job(job)
+    if args.signals:
+        signals = SignalScorer(lm, window, lm.tokenizer.decode(span))
+        engines["ppl-eval --signals"] = lambda: signals.job(job)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     log(f"{args.model}: one {args.convention} window of {window} tokens, {job.scored} scored, {args.paired} rounds")
     expected, got, *_ = [run() for run in engines.values()]  # warm-up, untimed; the two NLL sums agree

@@ -167,3 +167,48 @@ def poisson_weights_by_hand(seed: int, samples: int, n: int, chunk: int):
         u = rng.integers(0, 2**32, size=(samples, stop - start), dtype=np.uint32).astype(np.uint64)
         out[:, start:stop] = (u[..., None] >= thresholds).sum(-1)
     return out
+
+
+def recipe_distributions(model, ids: list[int], max_length: int, stride: int) -> list[tuple[int, torch.Tensor]]:
+    """The Hugging Face loop's windows over one document: each scored token (the tokens after the
+    previous window's end) with the log-softmax row [V] of the window that scores it, in float64."""
+    out, prev_end = [], 1  # token 0 has no context
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids[begin:end]])).logits[0].double(), dim=-1)
+        out += [(ids[j], logprobs[j - begin - 1]) for j in range(max(prev_end, begin + 1), end)]
+        prev_end = end
+        if end == len(ids):
+            break
+    return out
+
+
+def masked_distributions(model, ids: list[int], scored: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """The tokens at positions `scored` with their log-softmax rows [V] from ONE forward pass over ids, in float64."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    return [(ids[j], logprobs[j - 1]) for j in scored]
+
+
+def published_signals(distributions: list[tuple[int, torch.Tensor]], text: str, k: float) -> dict:
+    """Min-K% Prob, Min-K%++, the zlib ratio and the mean entropy as the reference code writes them
+    (detect-pretrain-code, mink-plus-plus), from full distributions: sort, take the first int(k n)."""
+    import math
+    import zlib
+
+    import numpy as np
+
+    logp = np.array([row[t].item() for t, row in distributions])
+    mu = np.array([(row.exp() * row).sum().item() for _, row in distributions])
+    sigma = np.array([math.sqrt((row.exp() * row.square()).sum().item() - m * m) for (_, row), m in zip(distributions, mu)])
+    entropy = np.array([-(row.exp() * row).sum().item() for _, row in distributions])
+    length = max(1, int(len(logp) * k))
+    loss = -logp.mean()
+    return {
+        "min_k": np.mean(np.sort(logp)[:length]),
+        "min_k_plus_plus": np.mean(np.sort((logp - mu) / sigma)[:length]),
+        "zlib_ratio": np.log(np.exp(loss)) / len(zlib.compress(bytes(text, "utf-8"))),
+        "mean_entropy": entropy.mean(),
+        "nll_sum": -logp.sum(),
+    }

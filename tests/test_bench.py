@@ -58,3 +58,11 @@ def test_bench_paired_smoke(tiny_llama, tmp_path, convention, baseline_name):
     baseline = report["rows"][0]
     assert baseline["ratio_min"] == baseline["ratio_max"] == 1.0
     assert all(r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in report["rows"])
+
+
+def test_bench_times_signals_on_the_same_tokens(tiny_llama, tmp_path):
+    """--signals: ppl-eval computing the signals too, on the same windows, the NLL unchanged."""
+    report = run_bench(tiny_llama, tmp_path, "--dtypes", "float32", "--signals")
+    baseline, exact, signals = report["rows"]
+    assert signals["engine"] == "ppl-eval --signals" and signals["tokens"] == exact["tokens"]
+    assert signals["nll_sum"] == exact["nll_sum"]  # entropy and z are computed beside the NLL, never changing it

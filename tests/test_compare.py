@@ -124,7 +124,9 @@ def test_refusals_name_the_difference(two_runs, tmp_path):
     with pytest.raises(PplError, match="is not a finished ppl-eval run"):
         compare_runs(CompareConfig((a, str(tmp_path / "nothing"))))
     with pytest.raises(PplError, match="at least two"):
-        CompareConfig((a,))
+        compare_runs(CompareConfig((a,)))  # one directory is a series, or refused
+    with pytest.raises(PplError, match="at least two"):
+        CompareConfig(())
 
 
 def test_allow_different_data_compares_the_documents_both_scored(two_runs, tmp_path):

@@ -22,6 +22,7 @@ from ..engine.conventions import Windowing
 from ..errors import EXIT_DATA, PplError
 from ..output.metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
 from ..output.run_directory import DOCUMENTS_FILE, SERIES_FILE, SUMMARY_FILE, read_rows
+from ..output.signals import SIGNALS
 
 METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
 UNITS = ("tokens", "words", "bytes")  # the denominators, in the column order of the sums below
@@ -212,6 +213,40 @@ class PairedSums:
         }
 
 
+class PairedMeans:
+    """Each run's mean of every --signals value over the documents that have it in every run, and
+    the same means in each resample (sum w s / sum w, the documents' weights shared by the runs)."""
+
+    def __init__(self, runs: int, samples: int):
+        self.sums = np.zeros((runs, len(SIGNALS)))
+        self.counts = np.zeros(len(SIGNALS))
+        self.resampled = np.zeros((samples, runs, len(SIGNALS)))
+        self.resampled_counts = np.zeros((samples, len(SIGNALS)))
+
+    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
+        """`values` [m, R, S]: the documents' signals in every run, NaN where a run has none."""
+        present = ~np.isnan(values).any(axis=1)  # [m, S]: in every run
+        filled = np.where(present[:, None, :], values, 0.0)
+        self.sums += filled.sum(axis=0)
+        self.counts += present.sum(axis=0)
+        self.resampled += np.einsum("bm,mrs->brs", weights, filled)
+        self.resampled_counts += weights @ present
+
+    def paired(self, r: int) -> dict:
+        """Per signal every run has: both means, their difference, its 95% paired interval and p-value."""
+        out = {}
+        for s, name in enumerate(SIGNALS):
+            if not self.counts[s]:
+                continue
+            a, b = self.sums[0, s] / self.counts[s], self.sums[r, s] / self.counts[s]
+            drawn = self.resampled_counts[:, s] > 0
+            deltas = (self.resampled[drawn, r, s] - self.resampled[drawn, 0, s]) / self.resampled_counts[drawn, s]
+            out[name] = {"a": float(a), "b": float(b), "delta": float(b - a), "documents": int(self.counts[s]), "ci": None, "p_value": None}
+            if len(deltas):
+                out[name].update(ci=[float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))], p_value=paired_p_value(deltas, b - a))
+        return out
+
+
 class PairedTotals:
     """Sums per run, the same Poisson resamples for every run, and the most changed documents; with
     groups (the baseline rows' `group`), the same per group, with the same weights."""
@@ -223,7 +258,9 @@ class PairedTotals:
         self.chunk = max(1, BOOTSTRAP_ELEMENTS // samples)
         self.pending: list[np.ndarray] = []
         self.pending_groups: list[str] = []
+        self.pending_signals: list[np.ndarray] = []
         self.corpus = PairedSums(runs, samples)
+        self.signals = PairedMeans(runs, samples)
         self.groups: dict[str, PairedSums] | None = {} if grouped else None
         self.documents = 0
         self.better = np.zeros(runs, dtype=np.int64)  # documents whose NLL per token went down against the baseline
@@ -234,6 +271,7 @@ class PairedTotals:
     def add(self, rows: list[dict]) -> None:
         values = np.array([[r["nll_sum"], r["tokens"], r["words"], r["bytes"]] for r in rows], dtype=np.float64)  # [R, 4]
         self.pending.append(values)
+        self.pending_signals.append(np.array([[np.nan if r.get(s) is None else r[s] for s in SIGNALS] for r in rows], dtype=np.float64))  # [R, S]
         if self.groups is not None:
             self.pending_groups.append(rows[0].get("group", MISSING_GROUP))
         self.documents += 1
@@ -256,6 +294,7 @@ class PairedTotals:
         values = np.stack(self.pending)  # [m, R, 4]
         weights = poisson_weights(self.rng, (self.samples, len(values)))  # [B, m]
         self.corpus.add(values, weights)
+        self.signals.add(np.stack(self.pending_signals), weights)
         if self.groups is not None:
             members: dict[str, list[int]] = {}
             for k, name in enumerate(self.pending_groups):
@@ -263,7 +302,7 @@ class PairedTotals:
             for name, ks in members.items():
                 at = np.array(ks)
                 self.groups.setdefault(name, PairedSums(self.runs, self.samples)).add(values[at], weights[:, at])
-        self.pending, self.pending_groups = [], []
+        self.pending, self.pending_groups, self.pending_signals = [], [], []
 
     def report(self, runs: list[Run], matched_by_id: bool) -> dict:
         self.flush()
@@ -282,6 +321,9 @@ class PairedTotals:
                 "baseline_documents": runs[0].summary["documents"],
                 "run_documents": runs[r].summary["documents"],
             }
+            signals = self.signals.paired(r)
+            if signals:
+                entry["signals"] = signals
             entry["most_improved"] = listed(self.improved[r], improved=True)
             entry["most_worsened"] = listed(self.worsened[r], improved=False)
             if self.groups is not None:
@@ -373,6 +415,8 @@ def format_comparison(report: dict) -> str:
                 f"  only documents both runs scored are compared: {docs['compared']:,} of {docs['baseline_documents']:,}"
                 f" (baseline) and {docs['run_documents']:,} (this run)"
             )
+        for name, m in entry.get("signals", {}).items():
+            lines.append(f"  {name:17} {m['a']:.4g} -> {m['b']:.4g}  {m['delta']:+.4g}" + interval(m, "+.4g") + "  (mean over documents)")
         for label, key in (("most improved", "most_improved"), ("most worsened", "most_worsened")):
             if entry[key]:
                 shown = ", ".join(f"{d['id'] or d['index']} ({d['change_nats_per_token']:+.3f})" for d in entry[key])
@@ -442,6 +486,10 @@ def format_markdown(report: dict) -> str:
             ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
             p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
             lines.append(f"| {entry['run']} | {metric} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} |")
+        for name, m in entry.get("signals", {}).items():
+            ci = f"[{m['ci'][0]:+.4g}, {m['ci'][1]:+.4g}]" if m["ci"] else "n/a"
+            p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+            lines.append(f"| {entry['run']} | {name} (mean) | {m['a']:.4g} | {m['b']:.4g} | {m['delta']:+.4g} | {ci} | {p} |")
     if any("groups" in entry for entry in report["runs"]):
         lines += ["", "| run | group | documents | metric | baseline | run | difference | 95% CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for entry in report["runs"]:
@@ -457,10 +505,11 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def interval(m: dict) -> str:
+def interval(m: dict, spec: str | None = None) -> str:
     if not m["ci"]:
         return ""
-    return f"  95% CI [{signed(m['ci'][0])}, {signed(m['ci'][1])}]  p = {m['p_value']:.4f}"
+    low, high = (format(x, spec) if spec else signed(x) for x in m["ci"])
+    return f"  95% CI [{low}, {high}]  p = {m['p_value']:.4f}"
 
 
 def number(value) -> str:

@@ -30,6 +30,7 @@ from ..output.run_directory import (
     Result,
     RunDirectory,
     ascending_runs,
+    csv_columns,
     differing_key,
     merged_rows,
     read_rows,
@@ -153,7 +154,7 @@ def write_merged(runs, config, identity, data_info, given, output, overwrite, of
     with RunDirectory(output, overwrite) as run_dir:
         run_dir.begin(identity)
         copy_parts([run["dir"] for run in runs], run_dir.path, offsets)
-        summary = run_dir.finish(summarize, given, grouped=config.group_by is not None)
+        summary = run_dir.finish(summarize, given, csv_columns(config.group_by is not None, config.signals, config.reference_model is not None))
     return Result(summary, run_dir.documents)
 
 

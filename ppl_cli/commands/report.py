@@ -19,10 +19,12 @@ import numpy as np
 
 from ..errors import EXIT_OUTPUT, PplError
 from ..output.run_directory import DOCUMENTS_FILE, SERIES_FILE, read_rows, write_atomic
+from ..output.signals import HIGHER_MEANS_SEEN, SIGNALS
 from ..output.token_export import TOKENS_DIR
 from .compare import CompareConfig, Run, compare_runs, joined_rows, read_run
 
 HISTOGRAM_EDGES = 10 ** (np.arange(0, 8 * 20 + 1) / 20)  # token perplexity 1 to 1e8, 20 bins a decade
+SIGNAL_BINS = 40  # a signal's histogram: equal bins from the lowest to the highest value of any run shown
 SCATTER_POINTS = 5000
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -50,6 +52,7 @@ class RunScan:
     highest: list = field(default_factory=list)  # min-heap of (perplexity, -index, row): the most surprising
     lowest: list = field(default_factory=list)  # min-heap of (-perplexity, -index, row): the least
     documents: int = 0
+    signals: dict[str, np.ndarray] = field(default_factory=dict)  # --signals: a histogram over signal_edges' bins
 
 
 def build_report(config: ReportConfig) -> dict:
@@ -61,11 +64,14 @@ def build_report(config: ReportConfig) -> dict:
         series = compare_runs(CompareConfig(config.runs))
         config = replace(config, runs=(str(Path(config.runs[0]) / Path(series["checkpoints"][-1]["name"])),))
     runs = [read_run(Path(p)) for p in config.runs]
-    scans = [scan(run, config.documents) for run in runs]
+    edges = signal_edges(runs)
+    scans = [scan(run, config.documents, edges) for run in runs]
     plots = {
         "perplexity_histogram": histogram_figure(runs, scans),
         "context_curve": context_figure(runs),
     }
+    for name in edges:
+        plots[f"signal_{name}"] = signal_figure(runs, scans, name, edges[name])
     comparison, refusal = None, None
     if len(runs) > 1:
         try:
@@ -96,10 +102,25 @@ def build_report(config: ReportConfig) -> dict:
     return {"output": str(output), "plots": list(svgs), "documents_shown": len(shown), "coloured": sum(1 for d in shown if d["tokens"])}
 
 
-def scan(run: Run, keep: int) -> RunScan:
-    out = RunScan()
+def signal_edges(runs: list[Run]) -> dict[str, np.ndarray]:
+    """Each --signals value some run has: SIGNAL_BINS equal bins over every run's range (their summaries' min and max)."""
+    edges = {}
+    for name in SIGNALS:
+        ranges = [(run.summary.get("signals") or {}).get(name) for run in runs]
+        ranges = [r for r in ranges if r]
+        if ranges:
+            low, high = min(r["min"] for r in ranges), max(r["max"] for r in ranges)
+            edges[name] = np.linspace(low, high if high > low else low + 1, SIGNAL_BINS + 1)
+    return edges
+
+
+def scan(run: Run, keep: int, edges: dict[str, np.ndarray]) -> RunScan:
+    out = RunScan(signals={name: np.zeros(SIGNAL_BINS, dtype=np.int64) for name in edges})
     for row in read_rows(run.path / DOCUMENTS_FILE):
         out.documents += 1
+        for name, counts in out.signals.items():
+            if row.get(name) is not None:
+                counts[min(max(np.searchsorted(edges[name], row[name], side="right") - 1, 0), SIGNAL_BINS - 1)] += 1
         ppl = row["token_perplexity"]
         if ppl is None:
             continue
@@ -148,6 +169,26 @@ def histogram_figure(runs: list[Run], scans: list[RunScan]):
         ax.stairs(s.histogram[lo:hi], HISTOGRAM_EDGES[lo : hi + 1], label=short_name(run), color=COLOURS[k % len(COLOURS)], linewidth=1.6)
     ax.set_xscale("log")
     return labelled(fig, ax, runs, "token perplexity of a document (log scale)", "documents")
+
+
+SIGNAL_AXES = {
+    "min_k": "Min-K% Prob: mean log p of the least likely tokens",
+    "min_k_plus_plus": "Min-K%++: mean z of the least likely tokens",
+    "zlib_ratio": "zlib ratio: ln perplexity / zlib bytes",
+    "mean_entropy": "mean predictive entropy (nats)",
+    "reference_ratio": "reference ratio: ln perplexity / the reference's",
+}
+
+
+def signal_figure(runs: list[Run], scans: list[RunScan], name: str, edges: np.ndarray):
+    """How many documents have each value of one signal, every run over the same bins."""
+    fig, ax = new_figure(5.0, 3.2)
+    for k, (run, s) in enumerate(zip(runs, scans)):
+        if s.signals[name].any():
+            ax.stairs(s.signals[name], edges, label=short_name(run), color=COLOURS[k % len(COLOURS)], linewidth=1.6)
+    seen = "higher" if HIGHER_MEANS_SEEN[name] else "lower"
+    ax.set_title(f"{seen}: more likely seen in training" if name != "mean_entropy" else "lower: the model is more certain", fontsize=9, color="#666")
+    return labelled(fig, ax, runs, SIGNAL_AXES[name], "documents")
 
 
 def context_figure(runs: list[Run]):
@@ -366,6 +407,7 @@ def render(runs, scans, svgs, comparison, refusal, shown, config, series=None) -
         steps=SURPRISAL_STEPS,
         groups=group_rows(runs[0].summary),
         series=series_rows(series),
+        signals=[(name, f"signal_{name}") for name in SIGNALS if f"signal_{name}" in svgs],
     )
 
 
@@ -452,6 +494,9 @@ def summary_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
         ("tokens scored", lambda s: f"{s['tokens']:,}"),
         ("scored tokens/s", lambda s: fmt(s.get("tokens_per_second"), 0)),
     ]
+    for name in SIGNALS:
+        if any(name in (r.summary.get("signals") or {}) for r in runs):
+            lines.append((f"{name} (mean, 95% interval)", lambda s, name=name: signal_mean(s, name)))
     if any("reference" in r.summary for r in runs):
         lines += [
             ("reference model", lambda s: s.get("reference", {}).get("model", {}).get("id", "")),
@@ -460,6 +505,14 @@ def summary_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
             ("PPL(Q) / PPL(ref)", lambda s: ref(s, "ppl_ratio")),
         ]
     return [(name, [str(get(r.summary)) for r in runs]) for name, get in lines]
+
+
+def signal_mean(summary: dict, name: str) -> str:
+    stat = (summary.get("signals") or {}).get(name)
+    if not stat:
+        return ""
+    ci = stat["bootstrap"]
+    return f"{stat['mean']:.4g}" + (f" ({ci[0]:.4g} – {ci[1]:.4g})" if ci else "")
 
 
 def ref(summary: dict, key: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import BANDS, Config, as_tuple, check_types, parse_shard
+from ..config import BANDS, SIGNAL_METRICS, Config, as_tuple, check_types, parse_shard
 from ..config import SELECT_FORMATS as FORMATS
 from ..config import SELECT_METRICS as METRICS
 from ..data.documents import DocumentStream, digest, fingerprint, whole_record
@@ -29,8 +29,12 @@ from ..output.run_directory import DOCUMENTS_FILE, RUN_FILE, SUMMARY_FILE, read_
 
 PREFIX = "ppl_eval"  # each written record gains {"ppl_eval": {"index": ..., "token_perplexity": ..., ...}}
 SCORE_FIELDS = ("index", "id", "token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "nll_sum", "tokens")
-METRIC_SOURCES = {"ifd": "a run with --ifd has it"}  # how to get a metric that not every run has
-OPTIONAL_SCORE_FIELDS = ("ifd", "unconditional_nll_sum", "context_tokens", "turns")  # a conditional run's, when its rows have them
+METRIC_SOURCES = {  # how to get a metric that not every run has
+    "ifd": "a run with --ifd has it",
+    **{name: "a run with --signals has it" for name in SIGNAL_METRICS},
+    "reference_ratio": "a run with --signals and --reference-model has it",
+}
+OPTIONAL_SCORE_FIELDS = ("ifd", "unconditional_nll_sum", "context_tokens", "turns", *SIGNAL_METRICS)  # a conditional or --signals run's, when its rows have them
 PARQUET_BATCH = 1000
 
 

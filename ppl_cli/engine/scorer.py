@@ -50,8 +50,9 @@ class Scored(NamedTuple):
 
 # Per-token values: the NLL always; with a reference model P the NLL under P, KL(P || Q) over the
 # whole vocabulary, whether both models' most likely tokens agree, and delta_p = q(token) - p(token);
-# for --save-tokens the entropy of Q's distribution and the token's rank in it (1 = most likely).
-TOKEN_VALUES = ("nll", "ref_nll", "kld", "same_top", "delta_p", "entropy", "rank")
+# for --save-tokens and --signals the entropy of Q's distribution and the token's rank in it (1 = most
+# likely); for --signals the token's log q standardised over Q's distribution, z = (log q - mu) / sigma.
+TOKEN_VALUES = ("nll", "ref_nll", "kld", "same_top", "delta_p", "entropy", "rank", "z")
 
 
 class Scorer:
@@ -190,15 +191,19 @@ def token_nll(rows: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
 def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Per-token values [N] from Q's hidden states (or logits) and, when given, the reference model
     P's (rows, head), a chunk of rows at a time so no [N, V] tensor is held. The NLL equals
-    token_nll's bit for bit (log-softmax, then the target's entry, as cross_entropy computes it)."""
+    token_nll's bit for bit (log-softmax, then the target's entry, as cross_entropy computes it).
+
+    z (Min-K%++): mu = sum_v q(v) log q(v) and sigma^2 = sum_v q(v) (log q(v) - mu)^2, the variance
+    taken about the mean (the same quantity as E[(log q)^2] - mu^2, without its cancellation in
+    float32); z is 0 where the distribution is a point mass (sigma = 0)."""
     vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
     if reference is not None:
         ref_rows, ref_head = reference
         ref_vocab = ref_head.weight.shape[0] if ref_head is not None else ref_rows.shape[-1]
         if ref_vocab != vocab:
             raise PplError(f"the models' vocabularies differ in size ({vocab} vs {ref_vocab} for the reference)", EXIT_MODEL)
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab // (3 if reference is not None else 2))
-    names = ["nll", *(n for n in ("entropy", "rank") if n in wanted)] + (["ref_nll", "kld", "same_top", "delta_p"] if reference else [])
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab // ((3 if reference is not None else 2) + ("z" in wanted)))
+    names = ["nll", *(n for n in ("entropy", "rank", "z") if n in wanted)] + (["ref_nll", "kld", "same_top", "delta_p"] if reference else [])
     out = {name: torch.empty(len(targets), dtype=torch.float32, device=rows.device) for name in names}
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
@@ -206,8 +211,15 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
         target = targets[part].unsqueeze(1).to(logq.device)  # [c, 1]
         own = logq.gather(1, target)  # [c, 1]
         out["nll"][part] = -own[:, 0]
-        if "entropy" in out:
-            out["entropy"][part] = -(logq.exp() * logq).sum(-1)
+        if "entropy" in out or "z" in out:
+            q = logq.exp()  # [c, V]
+            mu = (q * logq).sum(-1)  # [c], minus the entropy
+            if "entropy" in out:
+                out["entropy"][part] = -mu
+            if "z" in out:
+                spread = (logq - mu[:, None]).square_().mul_(q)  # [c, V], in place: one more [c, V] held
+                sigma = spread.sum(-1).sqrt()  # [c]
+                out["z"][part] = torch.where(sigma > 0, (own[:, 0] - mu) / sigma, 0.0)
         if "rank" in out:
             out["rank"][part] = (logq > own).sum(-1) + 1
         if reference is not None:

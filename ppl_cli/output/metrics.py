@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .signals import SIGNALS, SignalTotals
+
 LN2 = math.log(2.0)
 METRIC_KEYS = (
     "nll_sum",
@@ -63,7 +65,7 @@ def unit_metrics(nll_sum: float, tokens: int, words: int, n_bytes: int) -> dict:
     }
 
 
-ROW_KEYS = {"index", "id", "group", *METRIC_KEYS}  # every other number in a row is a per-document sum (conventions', the reference model's)
+ROW_KEYS = {"index", "id", "group", *METRIC_KEYS, *SIGNALS}  # every other number in a row is a per-document sum (conventions', the reference model's)
 BOOTSTRAP_ELEMENTS = 1 << 21  # samples x documents drawn at a time: bounds the bootstrap's memory
 
 
@@ -97,6 +99,7 @@ class Totals:
         self.tokens = self.words = self.bytes = 0
         self.macro_sum, self.macro_count = 0.0, 0
         self.resampled = np.zeros((samples, 3))  # per sample: weighted nll, tokens, bytes
+        self.signals = SignalTotals(samples)
 
     def add(self, docs: Sequence[dict], values: np.ndarray, weights: np.ndarray | None) -> None:
         """`values` [m, 3]: each document's nll, tokens, bytes; `weights` [B, m]: its resampling weights."""
@@ -111,11 +114,15 @@ class Totals:
                 self.macro_count += 1
         if weights is not None:
             self.resampled += weights @ values  # [B, m] @ [m, 3]
+        self.signals.add(docs, weights)
 
     def metrics(self, seed: int) -> dict:
         out = unit_metrics(self.nll, self.tokens, self.words, self.bytes)
         out["macro_token_perplexity"] = self.macro_sum / self.macro_count if self.macro_count else None
         out["bootstrap"] = self.interval(seed) if self.samples and self.documents else None
+        signals = self.signals.summary()
+        if signals is not None:
+            out["signals"] = signals
         return out
 
     def interval(self, seed: int, confidence: float = 0.95) -> dict:

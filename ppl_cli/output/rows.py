@@ -19,6 +19,7 @@ from ..engine.tokenizing import Tokenized
 from .kl_statistics import REFERENCE_SUMS, document_histograms
 from .metrics import count_bytes, count_words, unit_metrics
 from .run_directory import CONTEXTS_STEM, REFERENCE_STEM
+from .signals import document_signals
 
 GROUP_BATCHES = 8  # a group of documents fills about this many batches before its rows are written
 
@@ -47,9 +48,12 @@ class RowSink:
             self.on_rows(rows)
 
 
-def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, sink: RowSink, progress, stop, retokenize, write_tokens=None) -> Tally:
+def score_stream(
+    scorer, items: Iterable[Tokenized], windowing: Windowing, sink: RowSink, progress, stop, retokenize, write_tokens=None, signals_k: float | None = None
+) -> Tally:
     """Score every document of `items` not done yet, a group at a time, and hand each group's rows
     to `sink`, after write_tokens([(index, positions, per-token values)]) when tokens are saved.
+    `signals_k`: add each document's --signals with that k (the scorer keeps entropy and z).
 
     `stop.check()` runs after every batch (a signal ends the run there); an error from `items`
     (bad input further on) is raised after the documents read before it are scored and written.
@@ -74,8 +78,11 @@ def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, sink:
         alone = iter(scores[len(group) :])
         fresh_scores = [(item, s, [next(alone) for _ in item.alone]) for item, s in zip(group, scores[: len(group)])]
         fresh_scores = [(item, s, a) for item, s, a in fresh_scores if item.done is None]
-        rows = [document_result(item, s, windowing, a) for item, s, a in fresh_scores]
         values = [(item, s, token_values(s)) for item, s, _ in fresh_scores]
+        rows = [document_result(item, s, windowing, a) for item, s, a in fresh_scores]
+        if signals_k is not None:
+            for row, (item, _, v) in zip(rows, values):
+                row.update(document_signals(v, scored_texts(item), signals_k, row))
         side = {CONTEXTS_STEM: [context_line(item.index, s, v["nll"]) for item, s, v in values]}
         if scorer.reference is not None:
             side[REFERENCE_STEM] = [document_histograms(item.index, v) for item, _, v in values]
@@ -188,7 +195,7 @@ def document_result(item: Tokenized, scored: list[tuple], windowing: Windowing, 
     doc = item.document
     sums = summed(scored)
     tokens = sum(w.end - w.score_from for w, _ in scored)
-    counted = item.counted if item.counted is not None else (doc.text,)
+    counted = scored_texts(item)
     words = sum(count_words(text, windowing.convention) for text in counted)
     n_bytes = sum(count_bytes(text) for text in counted)
     row = {"index": item.index, "id": doc.id, **({"group": doc.group} if doc.group is not None else {})}
@@ -210,6 +217,11 @@ def document_result(item: Tokenized, scored: list[tuple], windowing: Windowing, 
         row.update({key: sums[key] for key in REFERENCE_SUMS})
         row["same_top"] = int(round(row["same_top"]))
     return row
+
+
+def scored_texts(item: Tokenized) -> tuple[str, ...]:
+    """The text a document's words, bytes and zlib size count: all of it, or what is scored of it."""
+    return item.counted if item.counted is not None else (item.document.text,)
 
 
 def context_cut(scored: list[tuple], spans) -> bool:

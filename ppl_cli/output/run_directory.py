@@ -10,7 +10,7 @@ import heapq
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import EXIT_OUTPUT, PplError
 from .locking import LOCK_NAME, OutputLock
 from .metrics import METRIC_KEYS
+from .signals import SIGNALS
 
 RUN_FILE = "run.json"  # what the run is, to check a resume against
 DOCUMENTS_STEM = "documents"
@@ -31,8 +32,13 @@ SERIES_FILE = "series.json"  # a series' directory: its checkpoints, each a run 
 OWN_FILES = (RUN_FILE, DOCUMENTS_FILE, CSV_FILE, SUMMARY_FILE)
 UMASK = os.umask(0)
 os.umask(UMASK)
-DOCUMENT_COLUMNS = ("index", "id", *METRIC_KEYS)
-GROUPED_COLUMNS = ("index", "id", "group", *METRIC_KEYS)
+
+
+def csv_columns(grouped: bool = False, signals: bool = False, reference: bool = False) -> tuple[str, ...]:
+    """documents.csv's columns: a `group` column when grouped, the --signals when the run has them
+    (reference_ratio with a reference model)."""
+    chosen = [s for s in SIGNALS if signals and (reference or s != "reference_ratio")]
+    return ("index", "id", *(("group",) if grouped else ()), *METRIC_KEYS, *chosen)
 
 
 class WriteError(PplError):
@@ -210,10 +216,10 @@ class RunDirectory:
         append_bytes(target, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
         self.last_index[stem] = last
 
-    def finish(self, summarize: Callable[..., dict], given: dict[str, Iterable[dict]] | None = None, grouped: bool = False) -> dict:
+    def finish(self, summarize: Callable[..., dict], given: dict[str, Iterable[dict]] | None = None, columns: Sequence[str] = csv_columns()) -> dict:
         """One pass over every per-document file in index order (the lines `given` for a stem, else
-        the files here): each rewritten if it is not already one file in order, documents.csv (with
-        a `group` column when `grouped`), and summary.json from summarize(rows, **{other stem: its lines})."""
+        the files here): each rewritten if it is not already one file in order, documents.csv (of
+        `columns`), and summary.json from summarize(rows, **{other stem: its lines})."""
         given = given or {}
         stems = list(dict.fromkeys([*self.stems(), *given]))
         with contextlib.ExitStack() as files:
@@ -230,7 +236,7 @@ class RunDirectory:
             if not self.spool:
                 table = csv.DictWriter(
                     files.enter_context(atomic_writer(self.path / CSV_FILE)),
-                    GROUPED_COLUMNS if grouped else DOCUMENT_COLUMNS,
+                    columns,
                     extrasaction="ignore",
                     lineterminator="\n",
                 )

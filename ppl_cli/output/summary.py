@@ -37,6 +37,8 @@ def build_summary(
     description and the documents' lines of reference.jsonl."""
     totals = accumulate(rows, config.bootstrap_samples, config.seed, grouped=config.group_by is not None)
     metrics = totals.metrics()
+    if "signals" in metrics:
+        metrics["signals"] = {"k": config.min_k, **metrics["signals"]}
     scored_now, scoring = timings["scored_now"], timings["scoring_time_s"]
     extra = {"context_curve": context_curve(contexts)}
     if reference_info is not None:
@@ -193,6 +195,7 @@ def run_identity(
         "save_tokens": config.save_tokens,
         "conditional": conditional,
         **({"sampling": {"share": config.sample, "per_group": config.sample_per_group, "seed": config.seed}} if config.sampled else {}),
+        **({"signals": {"min_k": config.min_k}} if config.signals else {}),
     }
 
 
@@ -270,6 +273,8 @@ def format_summary(summary: dict) -> str:
         if "ifd" in conditional:
             ifd = conditional["ifd"]
             lines.append(f"IFD               {number(ifd['mean_ifd'])} mean over documents, {number(ifd['corpus_ifd'])} over the corpus")
+    if "signals" in summary:
+        lines.append(signal_line(summary["signals"]))
     if "estimate" in summary:
         estimate, plan = summary["estimate"], summary["sampling"]
         interval = (estimate.get("bootstrap") or {}).get("token_perplexity")
@@ -287,6 +292,15 @@ def format_summary(summary: dict) -> str:
         + (f"; reports in {summary['config']['output']}" if summary["config"]["output"] else ""),
     ]
     return "\n".join(lines)
+
+
+SIGNAL_LABELS = {"min_k": "Min-K%", "min_k_plus_plus": "Min-K%++", "zlib_ratio": "zlib ratio", "mean_entropy": "entropy", "reference_ratio": "reference ratio"}
+
+
+def signal_line(signals: dict) -> str:
+    """The signals' means over documents, on one line."""
+    means = "  ".join(f"{label} {signals[name]['mean']:.4g}" for name, label in SIGNAL_LABELS.items() if name in signals)
+    return f"signals (k {signals['k']:g}, means over documents)  {means}"
 
 
 GROUPS_SHOWN = 10  # the printed summary lists the worst groups, then says how many more there are

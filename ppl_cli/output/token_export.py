@@ -18,7 +18,7 @@ import numpy as np
 from .run_directory import writing
 
 TOKENS_DIR = "tokens"
-COLUMNS = ("index", "position", "token_id", "token", "logprob", "entropy", "rank")  # then ref_logprob, kld with a reference
+COLUMNS = ("index", "position", "token_id", "token", "logprob", "entropy", "rank")  # then z with --signals, ref_logprob, kld with a reference
 
 
 def part_path(folder: Path, first_index: int) -> Path:
@@ -42,11 +42,11 @@ class TokenPieces:
         return out
 
 
-VALUES = ("logprob", "entropy", "rank", "ref_logprob", "kld")  # null on a context token
+VALUES = ("logprob", "entropy", "rank", "z", "ref_logprob", "kld")  # null on a context token
 
 
 def document_table(index: int, positions: np.ndarray, tokens: dict[str, np.ndarray], pieces: TokenPieces, item=None) -> dict:
-    """One document's columns: position in its token sequence, the token, log p, entropy, rank.
+    """One document's columns: position in its token sequence, the token, log p, entropy, rank (and z).
 
     A document scored given a context (`item` has spans) gets every token of its sequence in
     position order, `scored` telling which were scored (the others are context: their values are
@@ -61,6 +61,8 @@ def document_table(index: int, positions: np.ndarray, tokens: dict[str, np.ndarr
         "entropy": tokens["entropy"].astype(np.float32),
         "rank": tokens["rank"].astype(np.int32),
     }
+    if "z" in tokens:  # --signals: Min-K%++'s standardised log p
+        columns["z"] = tokens["z"].astype(np.float32)
     if "ref_nll" in tokens:
         columns["ref_logprob"] = (-tokens["ref_nll"]).astype(np.float32)
         columns["kld"] = tokens["kld"].astype(np.float32)
