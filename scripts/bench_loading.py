@@ -4,7 +4,7 @@
     python scripts/bench_loading.py --layers 1      # a quick check
 
 Each measurement runs in a fresh process: the resident memory after importing torch and
-transformers is the baseline, the peak (ru_maxrss) after load_model the top; their difference over
+transformers is the baseline, the peak (VmHWM) after load_model the top; their difference over
 the checkpoint's weight bytes is the multiple reported. The checkpoint is safetensors (float32),
 loaded as float32 and as bfloat16 on CPU; and with --device-map sequential.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,9 +53,14 @@ def child(folder: str, dtype: str, device_map: str | None) -> None:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    def high_water() -> int:
+        """This process's own peak (VmHWM): ru_maxrss would also count the RSS of the parent it was forked from."""
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
     before = resident()
     lm = load_model(Config(model=folder, device="cpu", dtype=dtype, device_map=device_map))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = high_water()
     print(json.dumps({"before": before, "peak": peak, "after": resident(), "parameters": lm.info["parameters"]}))
 
 

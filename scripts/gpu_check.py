@@ -435,7 +435,7 @@ def bench(r: Runner, part: Part, label: str, extra: list[str], estimate: float) 
 
 def short_documents(r: Runner, part: Part) -> list[dict]:
     """A corpus of many short documents through `ppl-eval run --json` in float32 and bfloat16."""
-    corpus = r.write_corpus("short.jsonl", 60 if r.dry else 20000, words=(10, 150))
+    corpus = r.write_corpus("short.jsonl", 60 if r.dry else 5000, words=(10, 150))
     out = []
     for dtype in ("float32", "bfloat16"):
         if not part.fits(f"short documents {dtype}", 10 if r.dry else 40):

@@ -22,11 +22,14 @@ def run_bench(model, tmp_path, *options):
 
 @pytest.mark.parametrize("convention,baseline_name", [("sliding", "hf-recipe"), ("lm-eval", "lm-eval-loop")])
 def test_bench_smoke(tiny_llama, tmp_path, convention, baseline_name):
-    report = run_bench(tiny_llama, tmp_path, "--convention", convention, "--lm-eval-port", "--floor")
+    report = run_bench(tiny_llama, tmp_path, "--convention", convention, "--lm-eval-port", "--floor", "--signals")
     engines = [(r["engine"], r["dtype"]) for r in report["rows"]]
     # bfloat16 is skipped, with the reason, on a CPU that has no fast bfloat16 matmul.
     bf16_rows = [] if "bfloat16" in report["skipped"] else [("ppl-eval", "bfloat16")]
-    assert engines == [(baseline_name, "float32"), ("ppl-eval", "float32"), *bf16_rows, ("floor", "float32")]
+    assert engines == [(baseline_name, "float32"), ("ppl-eval", "float32"), *bf16_rows, ("floor", "float32"), ("ppl-eval --signals", "float32")]
+    signals = report["rows"].pop()  # ppl-eval computing the signals too, on the same windows
+    assert signals["tokens"] == report["rows"][1]["tokens"]
+    assert signals["nll_sum"] == report["rows"][1]["nll_sum"]  # entropy and z are computed beside the NLL, never changing it
     *_, floor = report["rows"]
     assert floor["perplexity"] is None and floor["tokens"] == report["rows"][0]["tokens"]
     baseline, exact, *bf16 = report["rows"][:-1]
@@ -59,10 +62,3 @@ def test_bench_paired_smoke(tiny_llama, tmp_path, convention, baseline_name):
     assert baseline["ratio_min"] == baseline["ratio_max"] == 1.0
     assert all(r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in report["rows"])
 
-
-def test_bench_times_signals_on_the_same_tokens(tiny_llama, tmp_path):
-    """--signals: ppl-eval computing the signals too, on the same windows, the NLL unchanged."""
-    report = run_bench(tiny_llama, tmp_path, "--dtypes", "float32", "--signals")
-    baseline, exact, signals = report["rows"]
-    assert signals["engine"] == "ppl-eval --signals" and signals["tokens"] == exact["tokens"]
-    assert signals["nll_sum"] == exact["nll_sum"]  # entropy and z are computed beside the NLL, never changing it

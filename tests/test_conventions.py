@@ -125,7 +125,7 @@ def test_the_convention_is_recorded_and_guards_resume(tiny_gpt2, corpus_jsonl, t
 
 @pytest.fixture
 def real_run(smollm2, monkeypatch):
-    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0: smollm2)
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0, tokenizer=None: smollm2)
     path = wikitext_valid_or_skip()
 
     def run(**options):
@@ -179,7 +179,7 @@ def test_reference_model_statistics_within_what_was_measured_against_llama_perpl
     """
     golden = GOLDEN["llama-cpp-kl"]
     quantized = dataclasses.replace(smollm2, model=requantized(smollm2.model, "Q4_0"), info={**smollm2.info, "id": "q4_0"})
-    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0: quantized if config.model == "q4_0" else smollm2)
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0, tokenizer=None: quantized if config.model == "q4_0" else smollm2)
     path = wikitext_valid_or_skip()
     config = Config(model="q4_0", reference_model="smollm2-135m", data=str(path), limit=3, window=GOLDEN["window"],
                     convention="llama-cpp", bootstrap_samples=0)  # fmt: skip

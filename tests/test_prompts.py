@@ -413,7 +413,7 @@ def test_a_missing_context_field_names_the_record(tiny_llama, tmp_path):
 def test_pairs_match_lm_evaluation_harness_loglikelihood(smollm2, tmp_path, monkeypatch):
     import ppl_cli.engine.loading
 
-    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0: smollm2)
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0, tokenizer=None: smollm2)
     golden = json.loads(GOLDEN.read_text())
     for part in golden["sets"]:
         data = write_jsonl(tmp_path / f"pairs-{part['window']}.jsonl", [{"context": p["context"], "continuation": p["continuation"]} for p in part["pairs"]])
@@ -430,7 +430,7 @@ def test_pairs_match_lm_evaluation_harness_loglikelihood(smollm2, tmp_path, monk
 def test_smollm2s_own_template_multi_turn_equals_a_naive_loop(smollm2, tmp_path, monkeypatch):
     import ppl_cli.engine.loading
 
-    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0: smollm2)
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0, tokenizer=None: smollm2)
     data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     rows = rows_of(evaluate(Config(data=data, messages_field="messages", bootstrap_samples=0)))
     scored_chats = [CHATS[0], CHATS[1], CHATS[3]]

@@ -49,8 +49,9 @@ def shown_commands():
                     words = shlex.split(part, comments=True)
                     if "ppl-eval" in words[:1]:
                         yield name, words[1:]
-                    elif "-m" in words and "ppl_cli" in words:  # torchrun ... -m ppl_cli run ...
-                        yield name, words[words.index("ppl_cli") + 1 :]
+                    elif "-m" in words and "ppl_cli" in words:  # torchrun ... -m ppl_cli [--] run ...
+                        after = words[words.index("ppl_cli") + 1 :]
+                        yield name, after[1:] if after[:1] == ["--"] else after
 
 
 COMMANDS = list(shown_commands())

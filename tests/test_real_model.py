@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def use_loaded_smollm2(smollm2, monkeypatch):
     """evaluate() reuses the test run's model instead of de-quantizing the GGUF again (15-20 s)."""
-    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0: smollm2)
+    monkeypatch.setattr(ppl_cli.engine.loading, "load_model", lambda config, local_rank=0, tokenizer=None: smollm2)
     return smollm2
 
 
