@@ -21,6 +21,7 @@ from .config import (
     DTYPES,
     ENCODING_ERRORS,
     QUANTIZATIONS,
+    QUANTIZE_ALIASES,
     SELECT_FORMATS,
     SELECT_METRICS,
     build_config,
@@ -51,7 +52,7 @@ def cli():
 @click.option("--revisions", help="Several hub revisions of --model, comma-separated: a series, each scored into OUTPUT/<revision>/.")
 @click.option("--device-map", help="Spread the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON map {module: device}.")
 @click.option("--attn-implementation", type=click.Choice(ATTENTIONS), help="The attention kernel (default: sdpa).")
-@click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Quantize the model while it loads (bitsandbytes, torchao, quanto).")
+@click.option("--quantize", type=click.Choice([*QUANTIZATIONS, *QUANTIZE_ALIASES]), help="Quantize the model while it loads (bitsandbytes, torchao, quanto; int8, int4: torchao-int8, bnb-4bit).")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
 @click.option("--reference-model", help="A reference model P scored on the same windows: KL(P || Q), top-1 agreement, delta p.")

@@ -14,6 +14,7 @@ from .errors import PplError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")  # --attn-implementation, as from_pretrained takes it
 QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-int4", "quanto-int8", "quanto-int4")  # --quantize
+QUANTIZE_ALIASES = {"int8": "torchao-int8", "int4": "bnb-4bit"}  # the closest to float32 of each width that runs on CPU and CUDA (docs/models.md)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # --device-map, or a JSON map
 DOC_SPLITS = ("file", "line", "blank-line")
 ENCODING_ERRORS = ("strict", "replace")
@@ -162,6 +163,7 @@ class Config:
     def check_model_options(self) -> None:
         if self.attn_implementation is not None and self.attn_implementation not in ATTENTIONS:
             raise PplError(f"attn-implementation must be one of {', '.join(ATTENTIONS)}, not {self.attn_implementation!r}")
+        object.__setattr__(self, "quantize", QUANTIZE_ALIASES.get(self.quantize, self.quantize))
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise PplError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS and not self.device_map.lstrip().startswith("{"):

@@ -273,3 +273,8 @@ def test_smollm2_quantized_on_cpu_stays_near_float32(smollm2, tmp_path):
         runs = [evaluate(Config(model=str(saved), data=str(data), limit=2, window=256, quantize="bnb-8bit", max_batch_tokens=tokens)) for tokens in (256, 4096)]
         assert runs[0].summary["model"]["batch"].startswith("one window a batch")
         assert [r["nll_sum"] for r in runs[0].documents] == [r["nll_sum"] for r in runs[1].documents]
+
+
+def test_int8_and_int4_are_short_for_a_scheme_that_runs_on_cpu_and_cuda():
+    assert (Config(quantize="int8").quantize, Config(quantize="int4").quantize) == ("torchao-int8", "bnb-4bit")
+    assert Config(quantize="int8").to_dict()["quantize"] == "torchao-int8"  # what summary.json records
