@@ -483,8 +483,8 @@ def run_measurements(r: Runner, part: Part) -> dict:
         ("llama-3.1-8b shape, window 2048", [*(window or ["--window", "2048", "--stride", "1024"]), "--shape", str(shape_file(r, "llama-3.1-8b"))], 110),
         ("small model, window 2048, HF recipe", [*(window or ["--window", "2048", "--stride", "1024"])], 50),
     ]  # fmt: skip
-    if r.dry:  # the rest are the same code at other sizes
-        plans = plans[:3]
+    if r.dry:  # a random shape through lm-eval's batched loop: every option once; the rest is the same code at other sizes
+        plans = [plans[0], ("llama-3.2-1b shape, lm-eval auto batch", [*window, "--convention", "lm-eval", "--lm-eval-batch", "auto", "--shape", str(shape_file(r, "llama-3.2-1b"))], 60)]
     results = {"bench": [], "short_documents": short_documents(r, part)}
     for label, extra, estimate in plans:
         found = bench(r, part, label, extra, estimate)
