@@ -2,7 +2,9 @@
 
 import json
 import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,23 @@ PROSE = [
     "Ünïcödé text, em-dashes — and emoji 🙂 all count as bytes in UTF-8.",
     "The committee met on Tuesday, discussed the budget, and adjourned at noon.",
 ]
+
+
+def lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def run_until(cmd, out, finished_docs, sig):
+    """Start the run, send `sig` once documents.jsonl has `finished_docs` lines, return the process."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if len(lines(out / "documents.jsonl")) >= finished_docs:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=120)
+    return proc
 
 
 @pytest.fixture(autouse=True)

@@ -8,14 +8,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PROSE
+from conftest import PROSE, run_until
 from reference import poisson_weights_by_hand
 
 from ppl_cli.cli import cli
@@ -182,14 +181,7 @@ def test_shards_ranks_and_a_resumed_run_give_the_same_groups(grouped, tmp_path):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ppl_cli", "run", "-q", "--model", model, "--data", data, "--window", "32", "--max-batch-tokens", "32",
            "--bootstrap-samples", str(SAMPLES), "--group-by", "meta.lang", "-o", str(killed)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "documents.jsonl").exists() and len((killed / "documents.jsonl").read_text().splitlines()) >= 20:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
+    run_until(cmd, killed, 20, signal.SIGKILL)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert rows_of(killed) == grouped["rows"]

@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PROSE
+from conftest import PROSE, run_until
 from reference import chunked_nll, masked_nll
 
 from ppl_cli import Config, evaluate
@@ -300,14 +299,7 @@ def test_a_chat_corpus_sharded_merged_resumed_and_under_torchrun_equals_one_run(
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ppl_cli", *chat_args(tiny_chat, data, killed, "--max-batch-tokens", "48", "--save-tokens")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "documents.jsonl").exists() and len((killed / "documents.jsonl").read_text().splitlines()) >= 5:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
+    run_until(cmd, killed, 5, signal.SIGKILL)
     assert CliRunner().invoke(cli, chat_args(tiny_chat, data, killed, "--max-batch-tokens", "48", "--save-tokens")).exit_code == 0
     assert (killed / "documents.jsonl").read_text() == reference
 

@@ -7,12 +7,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PROSE
+from conftest import PROSE, lines, run_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -35,23 +34,6 @@ def long_corpus(tmp_path):
 def command(model, data, out, *extra):
     return [sys.executable, "-m", "ppl_cli", "run", "--model", model, "--data", data, "--window", "16",
             "--max-batch-tokens", "16", "-o", str(out), "--quiet", *extra]  # fmt: skip
-
-
-def lines(path):
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def run_until(cmd, out, finished_docs, sig):
-    """Start the run, send `sig` once documents.jsonl has `finished_docs` lines, return the process."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if len(lines(out / "documents.jsonl")) >= finished_docs:
-            proc.send_signal(sig)
-            break
-        time.sleep(0.002)
-    proc.wait(timeout=120)
-    return proc
 
 
 def comparable(summary):

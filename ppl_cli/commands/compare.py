@@ -199,18 +199,23 @@ class PairedSums:
         b = float(metric_value(metric, self.sums[r, 0], self.sums[r, unit]))
         resampled_a = metric_value(metric, self.resampled[:, 0, 0], self.resampled[:, 0, unit])
         resampled_b = metric_value(metric, self.resampled[:, r, 0], self.resampled[:, r, unit])
-        deltas = resampled_b - resampled_a
-        deltas = deltas[np.isfinite(deltas)]
-        delta = b - a
-        if not (math.isfinite(delta) and len(deltas)):
-            return {"a": a, "b": b, "delta": delta, "ci": None, "p_value": None}
-        return {
-            "a": a,
-            "b": b,
-            "delta": delta,
-            "ci": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))],
-            "p_value": paired_p_value(deltas, delta),
-        }
+        return paired_difference(a, b, resampled_b - resampled_a)
+
+
+def paired_difference(a: float, b: float, deltas: np.ndarray) -> dict:
+    """Both values, b - a, the 95% percentile interval of the resampled differences (the finite
+    ones) and the paired p-value; no interval where the difference or every resample is not finite."""
+    deltas = deltas[np.isfinite(deltas)]
+    delta = b - a
+    if not (math.isfinite(delta) and len(deltas)):
+        return {"a": a, "b": b, "delta": delta, "ci": None, "p_value": None}
+    return {
+        "a": a,
+        "b": b,
+        "delta": delta,
+        "ci": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))],
+        "p_value": paired_p_value(deltas, delta),
+    }
 
 
 class PairedMeans:
@@ -241,9 +246,7 @@ class PairedMeans:
             a, b = self.sums[0, s] / self.counts[s], self.sums[r, s] / self.counts[s]
             drawn = self.resampled_counts[:, s] > 0
             deltas = (self.resampled[drawn, r, s] - self.resampled[drawn, 0, s]) / self.resampled_counts[drawn, s]
-            out[name] = {"a": float(a), "b": float(b), "delta": float(b - a), "documents": int(self.counts[s]), "ci": None, "p_value": None}
-            if len(deltas):
-                out[name].update(ci=[float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))], p_value=paired_p_value(deltas, b - a))
+            out[name] = {**paired_difference(float(a), float(b), deltas), "documents": int(self.counts[s])}
         return out
 
 

@@ -120,14 +120,19 @@ def scan(run: Run, keep: int, edges: dict[str, np.ndarray]) -> RunScan:
         out.documents += 1
         for name, counts in out.signals.items():
             if row.get(name) is not None:
-                counts[min(max(np.searchsorted(edges[name], row[name], side="right") - 1, 0), SIGNAL_BINS - 1)] += 1
+                counts[bin_index(edges[name], row[name])] += 1
         ppl = row["token_perplexity"]
         if ppl is None:
             continue
-        out.histogram[min(max(np.searchsorted(HISTOGRAM_EDGES, ppl, side="right") - 1, 0), len(out.histogram) - 1)] += 1
+        out.histogram[bin_index(HISTOGRAM_EDGES, ppl)] += 1
         bounded_push(out.highest, (ppl, -row["index"], row), keep)
         bounded_push(out.lowest, (-ppl, -row["index"], row), keep)
     return out
+
+
+def bin_index(edges: np.ndarray, value: float) -> int:
+    """The histogram bin of `value` between `edges`; values beyond either end count in the end bins."""
+    return min(max(int(np.searchsorted(edges, value, side="right")) - 1, 0), len(edges) - 2)
 
 
 def bounded_push(heap: list, item: tuple, size: int) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .signals import SIGNALS, SignalTotals
+from .signals import SIGNALS
 
 LN2 = math.log(2.0)
 METRIC_KEYS = (
@@ -148,6 +148,56 @@ def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> list[fl
         return None
     tail = (1 - confidence) / 2 * 100
     return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+class SignalTotals:
+    """Each signal's mean over documents, its range, and the mean in every bootstrap resample (the
+    documents' Poisson weights: a resample's mean is sum w s / sum w over the documents that have it)."""
+
+    def __init__(self, samples: int):
+        self.samples = samples
+        self.count = np.zeros(len(SIGNALS))
+        self.total = np.zeros(len(SIGNALS))
+        self.low = np.full(len(SIGNALS), np.inf)
+        self.high = np.full(len(SIGNALS), -np.inf)
+        self.resampled = np.zeros((samples, len(SIGNALS)))  # sum of w s
+        self.resampled_weight = np.zeros((samples, len(SIGNALS)))  # sum of w
+
+    def add(self, docs: Sequence[dict], weights: np.ndarray | None) -> None:
+        """`weights` [B, m]: the documents' resampling weights (None: no bootstrap)."""
+        if "min_k" not in docs[0]:  # a run without --signals
+            return
+        values = np.array([[np.nan if d.get(s) is None else d[s] for s in SIGNALS] for d in docs], dtype=np.float64)  # [m, S]
+        present = ~np.isnan(values)
+        filled = np.where(present, values, 0.0)
+        self.count += present.sum(0)
+        self.total += filled.sum(0)
+        self.low = np.minimum(self.low, np.where(present, values, np.inf).min(0))
+        self.high = np.maximum(self.high, np.where(present, values, -np.inf).max(0))
+        if weights is not None:
+            self.resampled += weights @ filled  # [B, m] @ [m, S]
+            self.resampled_weight += weights @ present
+
+    def summary(self, confidence: float = 0.95) -> dict | None:
+        """Per signal: documents, mean, min, max and the bootstrap's percentile interval of the mean."""
+        if not self.count.any():
+            return None
+        out = {}
+        for s, name in enumerate(SIGNALS):
+            if not self.count[s]:
+                continue
+            interval = None
+            if self.samples:
+                drawn = self.resampled_weight[:, s] > 0
+                interval = percentile_interval(self.resampled[drawn, s] / self.resampled_weight[drawn, s], confidence)
+            out[name] = {
+                "documents": int(self.count[s]),
+                "mean": float(self.total[s] / self.count[s]),
+                "min": float(self.low[s]),
+                "max": float(self.high[s]),
+                "bootstrap": interval,
+            }
+        return out
 
 
 class CorpusTotals(Totals):
