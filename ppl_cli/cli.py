@@ -11,6 +11,7 @@ import warnings
 
 import click
 from click.core import ParameterSource
+from click_option_group import optgroup
 
 from .config import (
     ATTENTIONS,
@@ -33,7 +34,27 @@ from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning, first_line
 LIBRARY_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click's command group, but a bad option, value or command is one `ppl-eval: error:` line and exit 2."""
+
+    def main(self, *args, **kwargs):
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as e:
+            where = f" (see {' '.join(['ppl-eval', *e.ctx.command_path.split()[1:]])} --help)" if e.ctx is not None else ""
+            click.echo(f"ppl-eval: error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"ppl-eval: error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("ppl-eval: error: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ppl-eval")
 def cli():
     """Exact, resumable corpus perplexity for Hugging Face causal language models."""
@@ -44,60 +65,74 @@ def cli():
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; CLI options override it.")
-@click.option("--model", multiple=True, help="Hub id, model directory, .gguf file or `smollm2-135m` (default); several, or a quoted glob of checkpoint folders, for a series.")
-@click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
-@click.option("--dtype", type=click.Choice(DTYPES), help="auto: bfloat16 on CUDA, float32 elsewhere.")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--revisions", help="Several hub revisions of --model, comma-separated: a series, each scored into OUTPUT/<revision>/.")
-@click.option("--device-map", help="Spread the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON map {module: device}.")
-@click.option("--attn-implementation", type=click.Choice(ATTENTIONS), help="The attention kernel (default: sdpa).")
-@click.option("--quantize", type=click.Choice([*QUANTIZATIONS, *QUANTIZE_ALIASES]), help="Quantize the model while it loads (bitsandbytes, torchao, quanto; int8, int4: torchao-int8, bnb-4bit).")
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
-@click.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
-@click.option("--reference-model", help="A reference model P scored on the same windows: KL(P || Q), top-1 agreement, delta p.")
-@click.option("--reference-dtype", type=click.Choice(DTYPES), help="The reference model's dtype (auto as --dtype).")
-@click.option("--reference-device", help="The reference model's device (default: --device).")
-@click.option("--data", multiple=True, help="A file (.jsonl/.json/.csv/.parquet/.txt/.md/.tokens, each also .gz/.bz2/.xz/.zst), a quoted glob, a directory, a URL, - for stdin, wikitext or a hub dataset id; repeat for several, read in order. Default: python-docstrings.")
-@click.option("--data-config", help="Hub dataset configuration name.")
-@click.option("--split", help="Hub dataset split (wikitext: test).")
-@click.option("--text-field", help="Field holding the text in JSON/CSV/Parquet/hub records (default: text).")
-@click.option("--id-field", help="Field holding a document id.")
-@click.option("--doc-split", type=click.Choice(DOC_SPLITS), help="Text files: one document per file, line or paragraph.")
-@click.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), help="On invalid UTF-8: fail (strict) or replace.")
-@click.option("--limit", type=int, help="Score only the first N documents.")
-@click.option("--streaming", is_flag=True, help="Hub datasets: stream the rows instead of downloading the dataset whole.")
-@click.option("--context-field", help="A field read as the text's context and not scored: the text is scored given it (dotted paths allowed).")
-@click.option("--context-template", help="A context made from fields, e.g. '{instruction}\\n{input}\\n' (\\n, \\t are read as escapes).")
-@click.option("--messages-field", help="A field holding a conversation ([{role, content}, ...]), rendered with the chat template.")
-@click.option("--score-roles", help="The conversation turns scored, comma-separated (default: assistant).")
-@click.option("--chat-template", type=click.Path(dir_okay=False), help="A Jinja chat template file, instead of the tokenizer's.")
-@click.option("--chat-wrap", is_flag=True, help="Score each plain document as the assistant's reply to --chat-prompt.")
-@click.option("--chat-prompt", help="The user turn that --chat-wrap puts before each document.")
-@click.option("--ifd", is_flag=True, help="Also score each continuation without its context: unconditional_nll_sum and ifd.")
-@click.option("--signals", is_flag=True, help="Add membership and uncertainty signals to each row: min_k, min_k_plus_plus, zlib_ratio, mean_entropy (reference_ratio with --reference-model).")
-@click.option("--min-k", type=float, help="k of Min-K%% and Min-K%%++: the share of a document's least likely tokens averaged (default: 0.2).")
-@click.option("--group-by", help="Report metrics per group: a field (dotted path), file (the source file) or dir (its folder).")
-@click.option("--max-groups", type=int, help="More groups than this is an error (default: 10000).")
-@click.option("--sample-per-group", type=int, help="Estimate from a seeded sample of N documents a group (with --group-by).")
-@click.option("--sample", type=float, help="Estimate from a seeded sample of this share of the documents, in (0, 1].")
-@click.option("--convention", type=click.Choice(CONVENTIONS), help="Whose windows and counts: sliding (default), hf-recipe, lm-eval, llama-cpp.")
-@click.option("--detokenize", type=click.Choice(DETOKENIZERS), help="wikitext: lm-eval's WikiText detokenizer before scoring.")
-@click.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
-@click.option("--stride", type=int, help="Tokens between window starts (default: window/2).")
-@click.option("--add-bos/--no-add-bos", default=None, help="Prefix each document with BOS (default: if the tokenizer has one).")
-@click.option("--max-batch-tokens", type=int, help="Padded tokens per forward pass (default: one window on CPU, 65536 on GPU).")
-@click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
-@click.option("--seed", type=int, help="Seed of the bootstrap interval (default: 0).")
-@click.option("--bootstrap-samples", type=int, help="Bootstrap resamples; 0 turns the interval off (default: 1000).")
-@click.option("--shard", help="Score only shard I of N (I/N: documents whose index is I mod N); combine with `ppl-eval merge`.")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Directory for summary.json, documents.jsonl/.csv.")
-@click.option("--overwrite", is_flag=True, help="Replace the results already in --output instead of resuming.")
-@click.option("--save-tokens", is_flag=True, help="Write every scored token (log p, entropy, rank) to --output/tokens/*.parquet.")
-@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout and nothing else.")
-@click.option("--jsonl", "as_jsonl", is_flag=True, help="Print each document's row to stdout as it is final, in input order; the summary goes to stderr.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or loading messages on stderr (with --jsonl, no summary either).")
-@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@optgroup.group("Model")
+@optgroup.option("--model", multiple=True, help="Hub id, model directory, .gguf file or `smollm2-135m` (default); several, or a quoted glob of checkpoint folders, for a series.")
+@optgroup.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
+@optgroup.option("--revisions", help="Several hub revisions of --model, comma-separated: a series, each scored into OUTPUT/<revision>/.")
+@optgroup.option("--dtype", type=click.Choice(DTYPES), help="auto: bfloat16 on CUDA, float32 elsewhere.")
+@optgroup.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@optgroup.option("--device-map", help="Spread the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON map {module: device}.")
+@optgroup.option("--attn-implementation", type=click.Choice(ATTENTIONS), help="The attention kernel (default: sdpa).")
+@optgroup.option("--quantize", type=click.Choice([*QUANTIZATIONS, *QUANTIZE_ALIASES]), help="Quantize the model while it loads (bitsandbytes, torchao, quanto; int8, int4: torchao-int8, bnb-4bit).")
+@optgroup.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
+@optgroup.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
+@optgroup.group("Data")
+@optgroup.option("--data", multiple=True, help="A file (.jsonl/.json/.csv/.parquet/.txt/.md/.tokens, each also .gz/.bz2/.xz/.zst), a quoted glob, a directory, a URL, - for stdin, wikitext or a hub dataset id; repeat for several, read in order. Default: python-docstrings.")
+@optgroup.option("--data-config", help="Hub dataset configuration name.")
+@optgroup.option("--split", help="Hub dataset split (wikitext: test).")
+@optgroup.option("--streaming", is_flag=True, help="Hub datasets: stream the rows instead of downloading the dataset whole.")
+@optgroup.option("--text-field", help="Field holding the text in JSON/CSV/Parquet/hub records (default: text).")
+@optgroup.option("--id-field", help="Field holding a document id (default: a field named id, where a record has one).")
+@optgroup.option("--doc-split", type=click.Choice(DOC_SPLITS), help="Text files: one document per file, line or paragraph.")
+@optgroup.option("--encoding-errors", type=click.Choice(ENCODING_ERRORS), help="On invalid UTF-8: fail (strict) or replace.")
+@optgroup.option("--skip-bad-records", is_flag=True, help="Skip records that cannot be read (invalid JSON, no text field, ...), counted in summary.json, instead of stopping.")
+@optgroup.option("--limit", type=int, help="Score only the first N documents.")
+@optgroup.group("What is scored")
+@optgroup.option("--context-field", help="A field read as the text's context and not scored: the text is scored given it (dotted paths allowed).")
+@optgroup.option("--context-template", help="A context made from fields, e.g. '{instruction}\\n{input}\\n' (\\n, \\t are read as escapes).")
+@optgroup.option("--messages-field", help="A field holding a conversation ([{role, content}, ...]), rendered with the chat template.")
+@optgroup.option("--score-roles", help="The conversation turns scored, comma-separated (default: assistant).")
+@optgroup.option("--chat-template", type=click.Path(dir_okay=False), help="A Jinja chat template file, instead of the tokenizer's.")
+@optgroup.option("--chat-wrap", is_flag=True, help="Score each plain document as the assistant's reply to --chat-prompt.")
+@optgroup.option("--chat-prompt", help="The user turn that --chat-wrap puts before each document.")
+@optgroup.option("--group-by", help="Report metrics per group: a field (dotted path), file (the source file) or dir (its folder).")
+@optgroup.option("--max-groups", type=int, help="More groups than this is an error (default: 10000).")
+@optgroup.option("--sample", type=float, help="Estimate from a seeded sample of this share of the documents, in (0, 1].")
+@optgroup.option("--sample-per-group", type=int, help="Estimate from a seeded sample of N documents a group (with --group-by).")
+@optgroup.group("Windows and conventions")
+@optgroup.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
+@optgroup.option("--stride", type=int, help="Tokens between window starts (default: window/2).")
+@optgroup.option("--add-bos/--no-add-bos", default=None, help="Prefix each document with BOS (default: if the tokenizer has one).")
+@optgroup.option("--convention", type=click.Choice(CONVENTIONS), help="Whose windows and counts: sliding (default), hf-recipe, lm-eval, llama-cpp.")
+@optgroup.option("--detokenize", type=click.Choice(DETOKENIZERS), help="wikitext: lm-eval's WikiText detokenizer before scoring.")
+@optgroup.option("--lengths", help="Perplexity at several context lengths from one pass: 2048,4096,8192 or start:stop:step; each document's first L tokens (with --stride: sliding windows of L).")
+@optgroup.option("--min-tokens", type=int, help="--lengths: score documents with at least this many tokens (default: the largest length); each length then has those that reach it.")
+@optgroup.option("--allow-beyond-context", is_flag=True, help="Allow a --window or --lengths longer than the model's configured context (extrapolation).")
+@optgroup.group("Signals and extras")
+@optgroup.option("--reference-model", help="A reference model P scored on the same windows: KL(P || Q), top-1 agreement, delta p.")
+@optgroup.option("--reference-dtype", type=click.Choice(DTYPES), help="The reference model's dtype (auto as --dtype).")
+@optgroup.option("--reference-device", help="The reference model's device (default: --device).")
+@optgroup.option("--signals", is_flag=True, help="Add membership and uncertainty signals to each row: min_k, min_k_plus_plus, zlib_ratio, mean_entropy (reference_ratio with --reference-model).")
+@optgroup.option("--min-k", type=float, help="k of Min-K% and Min-K%++: the share of a document's least likely tokens averaged (default: 0.2).")
+@optgroup.option("--ifd", is_flag=True, help="Also score each continuation without its context: unconditional_nll_sum and ifd.")
+@optgroup.option("--save-tokens", is_flag=True, help="Write every scored token (log p, entropy, rank) to --output/tokens/*.parquet.")
+@optgroup.option("--save-words", is_flag=True, help="Write every word's surprisal (beginning-of-word corrected) to --output/words/*.parquet.")
+@optgroup.option("--words-field", help="--save-words: a field holding each document as a list of words (the corpus's own segmentation), scored joined by spaces.")
+@optgroup.option("--bow-correction/--no-bow-correction", default=None, help="--save-words: correct word surprisals for the word start marked on the next token (default: where the tokenizer defines it).")
+@optgroup.group("Output")
+@optgroup.option("-o", "--output", type=click.Path(file_okay=False), help="Directory for summary.json, documents.jsonl/.csv.")
+@optgroup.option("--overwrite", is_flag=True, help="Replace the results already in --output instead of resuming.")
+@optgroup.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout and nothing else.")
+@optgroup.option("--jsonl", "as_jsonl", is_flag=True, help="Print each document's row to stdout as it is final, in input order; the summary goes to stderr.")
+@optgroup.option("--seed", type=int, help="Seed of the bootstrap interval (default: 0).")
+@optgroup.option("--bootstrap-samples", type=int, help="Bootstrap resamples; 0 turns the interval off (default: 1000).")
+@optgroup.option("-q", "--quiet", is_flag=True, help="No progress bar or loading messages on stderr (with --jsonl, no summary either).")
+@optgroup.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; CLI options override it.")
+@optgroup.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@optgroup.group("Performance and scale-out")
+@optgroup.option("--max-batch-tokens", type=int, help="Padded tokens per forward pass (default: one window on CPU, 65536 on GPU).")
+@optgroup.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
+@optgroup.option("--shard", help="Score only shard I of N (I/N: documents whose index is I mod N); combine with `ppl-eval merge`.")
 @click.pass_context
 def run(ctx, config_file, as_json, as_jsonl, quiet, debug, **options):
     """Score documents with a causal LM and report perplexity.
@@ -121,6 +156,7 @@ def run(ctx, config_file, as_json, as_jsonl, quiet, debug, **options):
         if as_json and as_jsonl:
             raise PplError("--json and --jsonl would both write to stdout; choose one")
         config = build_config(config_file, **given)
+        announce(not quiet and main_rank)
         if quiet:
             silence_libraries()
         if config.is_series:
@@ -239,6 +275,7 @@ def report(runs, output, png, documents, tokens, debug):
     click.echo(
         f"{made['output']}: {len(made['plots'])} plots, {made['documents_shown']} documents"
         + (f", {made['coloured']} with their tokens coloured" if made["coloured"] else "")
+        + (f", {made['words_coloured']} with their words coloured" if made["words_coloured"] else "")
     )
 
 
@@ -334,6 +371,24 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _lib
     else:
         _library(message, category, filename, lineno, file, line)
 
+
+class EchoHandler(logging.Handler):
+    """Writes through click to whatever stderr is current (a StreamHandler keeps the first one)."""
+
+    def emit(self, record):
+        click.echo(self.format(record), err=True)
+
+
+def announce(loud: bool) -> None:
+    """ppl-eval's own progress lines (loading a model, resuming a run) on stderr, one line each,
+    unless --quiet (or on a torchrun rank but the first)."""
+    logger = logging.getLogger("ppl_cli")
+    if not logger.handlers:
+        handler = EchoHandler()
+        handler.setFormatter(logging.Formatter("ppl-eval: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if loud else logging.WARNING)
 
 
 def silence_libraries():

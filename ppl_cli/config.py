@@ -21,7 +21,7 @@ ENCODING_ERRORS = ("strict", "replace")
 CONVENTIONS = ("sliding", "hf-recipe", "lm-eval", "llama-cpp")
 DETOKENIZERS = ("none", "wikitext")
 SIGNAL_METRICS = ("min_k", "min_k_plus_plus", "zlib_ratio", "mean_entropy", "reference_ratio")  # --signals' per-document values
-SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "ifd", *SIGNAL_METRICS)  # ppl-eval select --metric
+SELECT_METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "word_perplexity_corrected", "ifd", *SIGNAL_METRICS)  # ppl-eval select --metric
 BANDS = ("low", "middle", "high")  # ppl-eval select --keep
 SELECT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # what ppl-eval select writes
 DEFAULT_MODEL = "smollm2-135m"
@@ -64,6 +64,7 @@ class Config:
     id_field: str | None = None
     doc_split: str = "file"
     encoding_errors: str = "strict"
+    skip_bad_records: bool = False  # a record that cannot be read (not JSON, no text field, ...) is passed over and counted
     limit: int | None = None
     streaming: bool = False  # hub datasets: read as an IterableDataset instead of downloading whole
     # Prompts and conversations: a document whose tokens are only partly scored
@@ -89,6 +90,10 @@ class Config:
     window: int | None = None  # None: the model's context length, capped at 2048
     stride: int | None = None  # None: window // 2
     add_bos: bool | None = None  # None: yes when the tokenizer has a BOS (or end-of-text) token
+    # Context lengths: perplexity at each length of a document's prefix (or, with a stride, of sliding windows that long)
+    lengths: tuple[int, ...] = ()  # "2048,4096" or "1024:8192:1024" as the CLI gives it
+    min_tokens: int | None = None  # the prefix protocol's bar (None: the largest length); documents shorter are skipped
+    allow_beyond_context: bool = False  # a window or length longer than the model's configured context
     # Engine
     max_batch_tokens: int | None = None  # None: chosen for the device
     threads: int | None = None  # None: torch's default (all cores)
@@ -101,6 +106,9 @@ class Config:
     output: str | None = None
     overwrite: bool = False
     save_tokens: bool = False  # every scored token to tokens/part-*.parquet
+    save_words: bool = False  # every word's surprisal to words/part-*.parquet
+    words_field: str | None = None  # --save-words: a field holding the document as a list of words (the corpus's own segmentation)
+    bow_correction: bool | None = None  # --save-words: the beginning-of-word correction (None: where the tokenizer defines it)
 
     def __post_init__(self):
         object.__setattr__(self, "data", as_tuple(self.data))
@@ -108,10 +116,14 @@ class Config:
         if isinstance(self.revisions, str):  # "a,b" as the CLI gives it
             object.__setattr__(self, "revisions", tuple(r.strip() for r in self.revisions.split(",") if r.strip()))
         object.__setattr__(self, "revisions", as_tuple(self.revisions))
+        if isinstance(self.lengths, str):  # "2048,4096" or "1024:8192:1024" as the CLI gives it
+            object.__setattr__(self, "lengths", parse_lengths(self.lengths))
+        object.__setattr__(self, "lengths", as_tuple(self.lengths))
         if isinstance(self.score_roles, str):  # "assistant,user" as the CLI gives it
             object.__setattr__(self, "score_roles", tuple(r.strip() for r in self.score_roles.split(",") if r.strip()))
         object.__setattr__(self, "score_roles", as_tuple(self.score_roles))
         check_types(self)
+        object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
         for name in ("dtype", "reference_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise PplError(f"{name.replace('_', '-')} must be one of {', '.join(DTYPES)}, not {getattr(self, name)!r}")
@@ -124,7 +136,7 @@ class Config:
         if self.encoding_errors not in ENCODING_ERRORS:
             raise PplError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}")
         for name, low in (("limit", 1), ("window", 2), ("stride", 1), ("max_batch_tokens", 1), ("threads", 1), ("max_groups", 1),
-                          ("sample_per_group", 1)):  # fmt: skip
+                          ("sample_per_group", 1), ("min_tokens", 2)):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < low:
                 raise PplError(f"{name.replace('_', '-')} must be at least {low}, got {value}")
@@ -140,7 +152,7 @@ class Config:
             raise PplError("data must not be empty")
         if self.shard is not None:
             parse_shard(self.shard)
-        for flag in ("overwrite", "save_tokens"):
+        for flag in ("overwrite", "save_tokens", "save_words"):
             if getattr(self, flag) and not self.output:
                 raise PplError(f"--{flag.replace('_', '-')} needs an output directory (-o/--output)")
         self.check_conditional()
@@ -155,6 +167,38 @@ class Config:
             raise PplError("--sample-per-group needs --group-by (the groups to sample from)")
         if self.sampled and self.convention in ("hf-recipe", "llama-cpp"):
             raise PplError(f"sampling documents needs a convention that scores each document on its own, not {self.convention}")
+        self.check_lengths()
+        self.check_words()
+
+    def check_lengths(self) -> None:
+        if not self.lengths:
+            if self.min_tokens is not None:
+                raise PplError("--min-tokens sets which documents --lengths scores: it needs --lengths")
+            return
+        if self.lengths[0] < 2:
+            raise PplError(f"--lengths must be at least 2 tokens (one of context, one scored), not {self.lengths[0]}")
+        given = next((f"--{name.replace('_', '-')}" for name in ("window", "context_field", "context_template", "messages_field") if getattr(self, name)), None)
+        given = given or ("--chat-wrap" if self.chat_wrap else "--detokenize" if self.detokenize != "none" else None)
+        if self.convention != "sliding":
+            given = f"--convention {self.convention}"
+        if given:
+            why = "the lengths are the windows" if given == "--window" else "no length curve is defined for it"
+            raise PplError(f"--lengths and {given} cannot be combined: {why}")
+        if self.min_tokens is not None and not 2 <= self.min_tokens <= self.lengths[-1]:
+            raise PplError(f"--min-tokens lowers the bar of the largest length ({self.lengths[-1]}): give 2 to {self.lengths[-1]}, not {self.min_tokens}")
+
+    def check_words(self) -> None:
+        if not self.save_words:
+            given = "--words-field" if self.words_field else "--bow-correction/--no-bow-correction" if self.bow_correction is not None else None
+            if given:
+                raise PplError(f"{given} applies to --save-words")
+            return
+        other = next((f"--{name.replace('_', '-')}" for name in ("context_field", "context_template", "messages_field", "chat_wrap") if getattr(self, name)), None)
+        other = other or ("--lengths" if self.lengths else "--detokenize" if self.detokenize != "none" else None)
+        if self.convention != "sliding":
+            other = f"--convention {self.convention}"
+        if other:
+            raise PplError(f"--save-words scores plain documents under the default convention, one pass each: not with {other}")
 
     @property
     def sampled(self) -> bool:
@@ -281,6 +325,24 @@ def build_config(config_file: str | None = None, cls=Config, **overrides):
     values = load_yaml(config_file, cls) if config_file else {}
     values.update(overrides)
     return cls(**values)
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """--lengths: "2048,4096,8192" or "start:stop:step" (stop included) -> the lengths, ascending."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop, step = (int(part) for part in text.split(":"))
+            if step < 1 or stop < start:
+                raise ValueError
+            lengths = range(start, stop + 1, step)
+        else:
+            lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PplError(f"--lengths must be a list of token counts (2048,4096) or start:stop:step (1024:8192:1024), not {text!r}") from None
+    if not lengths:
+        raise PplError("--lengths needs at least one length")
+    return tuple(sorted(set(lengths)))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

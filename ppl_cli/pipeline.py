@@ -7,26 +7,32 @@ Memory follows the work in flight, not the corpus: nothing holds every document 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .data.documents import DocumentStream, add_fingerprints, fingerprint
+from .data.records import BadRecords
 from .data.sampling import sampled
 from .data.sharding import share
 from .data.sources import resolve_sources
-from .engine.conventions import JOINED_CONVENTIONS, resolve_windowing
-from .errors import EXIT_DATA, PplError
+from .engine.conventions import JOINED_CONVENTIONS, prefix, resolve_windowing
+from .errors import EXIT_DATA, PplError, PplWarning
 from .output.run_directory import Result, RunDirectory, WriteError, csv_columns
-from .output.summary import build_summary, data_description, run_identity
-from .output.token_export import keep_only_done
+from .output.summary import Unscored, build_summary, counted, data_description, run_identity
+from .output.token_export import TOKENS_DIR, keep_only_done
+from .output.word_export import WORDS_DIR
 from .runtime.signals import Interrupted, stop_signals
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Caller:
     on_rows: Callable[[list[dict]], None] | None = None
     model: Any = None  # a model in memory (any device, dtype or device map), scored as it is
     tokenizer: Any = None
+    texts: Any = None  # the records of a list of texts given from Python (api.score), read as --data python:...
 
 
 @dataclass
@@ -55,11 +62,12 @@ class Setup:
 
 
 def evaluate(
-    config: Config, progress: bool = False, stdin=None, on_rows: Callable[[list[dict]], None] | None = None, model=None, tokenizer=None
-) -> Result:
+    config: Config, progress: bool = False, stdin=None, on_rows: Callable[[list[dict]], None] | None = None, model=None, tokenizer=None,
+    texts=None,
+) -> Result:  # fmt: skip
     """Score every document of config.data with config.model, or with `model` and `tokenizer`
     already in memory (left as they were found: mode, attention, gradients); write reports if
-    config.output is set.
+    config.output is set. `texts`: the records a `python:` data spec reads (api.score makes both).
 
     `on_rows` gets every document's row, in input order, as soon as it is final (`--jsonl`). Under
     torchrun each rank scores its share and rank 0 writes the reports (and hands the rows to
@@ -70,7 +78,7 @@ def evaluate(
 
     if config.is_series:
         raise PplError("this configuration names a series of models; score it with ppl_cli.evaluate_series(config)")
-    caller = Caller(progress, stdin, on_rows, model, tokenizer)
+    caller = Caller(progress, stdin, on_rows, model, tokenizer, texts)
     ranks = distributed.start()
     finished = False
     try:
@@ -88,9 +96,9 @@ def evaluate_ranks(config: Config, ranks, caller: Caller) -> Result:
     if ranks.world > 1 and config.device_map:
         raise PplError("--device-map spreads one model over the GPUs; under torchrun each rank has its own GPU (--device auto)")
     sources = resolve_sources(config)
-    plan = sample_plan(config, sources) if config.sampled else None
+    plan = sample_plan(config, sources, caller.texts) if config.sampled else None
     mine = sampled(share(config.shard, ranks.rank, ranks.world, joined_convention(config)), plan)
-    stream = DocumentStream(sources, config, mine, caller.stdin)
+    stream = DocumentStream(sources, config, mine, caller.stdin, texts=caller.texts)
     stream.check()
     run_dir, spool = open_run_directory(config, ranks)
     setup = Setup(config, ranks, sources, stream, run_dir, spool, plan, started)
@@ -119,65 +127,75 @@ def score_into(setup: Setup, caller: Caller) -> Result:
 
 
 def score_with(setup: Setup, caller: Caller, lm) -> Result:
+    from .engine.length_probe import configured_dependence
     from .engine.loading import load_reference
     from .engine.scorer import Scorer
-    from .engine.tokenizing import background, batch_encoder, joined_document, tokenize_batch, tokenize_documents
-    from .output.rows import RowSink, score_stream
+    from .engine.tokenizing import Encoder, ReadTally, background, joined_document, tallied, tokenize_batch, tokenize_documents
+    from .output.rows import RowExtras, RowSink, score_stream
     from .runtime.progress import Progress
 
     config, ranks, run_dir, stream = setup.config, setup.ranks, setup.run_dir, setup.stream
-    windowing = resolve_windowing(config, lm)
+    windowing = length_passes(resolve_windowing(config, lm), lm)
     ref = load_reference(config, windowing, lm.tokenizer, ranks.local_rank) if config.reference_model else None
     conditional = conditional_sequences(config, lm, windowing)
-    identity = run_identity(config, lm.info, setup.sources, windowing, ref and ref.info, conditional and conditional.identity)
+    words = word_export(config, lm, windowing, run_dir)
+    identity = run_identity(config, lm.info, setup.sources, windowing, ref and ref.info, conditional and conditional.identity, words and words.identity)
     begin_run(run_dir, ranks, identity)
 
     batch_tokens = config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window)
     own = caller.model is None  # a model of ours: the process is ours to tune too
     reference = Scorer(ref.model, ref.device, batch_tokens, tune_memory=own) if ref else None
-    scorer = Scorer(lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config), tune_memory=own, one_window=lm.one_window)
+    scorer = Scorer(
+        lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config, words is not None and words.classes is not None), tune_memory=own, one_window=lm.one_window,
+        fresh_positions=windowing.per_length or configured_dependence(lm.model) is not None, word_classes=words and words.classes,
+    )  # fmt: skip
     write_tokens = token_writer(run_dir.path, lm.tokenizer) if config.save_tokens else None
-    encode = batch_encoder(lm.tokenizer)
+    encode = Encoder(lm.tokenizer, offsets=config.save_words)
+    if (windowing.lengths or config.save_words) and not encode.has_offsets:
+        raise PplError(f"{'--lengths' if windowing.lengths else '--save-words'} needs a fast tokenizer (one with character offsets), and this model's has none")
     sink = RowSink(run_dir.append, caller.on_rows if ranks.world == 1 else None)
-    bar = Progress(stream, config.limit, caller.progress and ranks.main)
+    read = ReadTally()
+    bar = Progress(read, None if config.limit else stream.total_bytes, caller.progress and ranks.main)
     sequences = conditional and conditional.sequences
     scoring_started = time.perf_counter()
     try:
         if joined_convention(config):
-            batches = joined_document(stream, encode, windowing, run_dir.done_rows())
+            batches = joined_document(stream, encode, windowing, run_dir.done_documents())
         else:
-            batches = tokenize_documents(stream, encode, windowing, run_dir.done_rows(), sequences)
-        with stop_signals() as stop, background(batches) as items:
+            batches = tokenize_documents(stream, encode, windowing, run_dir.done_documents(), sequences, stream.bad if config.skip_bad_records else None)
+        with stop_signals() as stop, background(tallied(batches, read, stream.counter, windowing)) as items:
             retokenize = lambda item: tokenize_batch([(item.index, item.document, None)], encode, windowing, sequences)[0]  # noqa: E731
-            tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, write_tokens, config.min_k if config.signals else None)
+            extras = RowExtras(write_tokens, config.min_k if config.signals else None, words and words.export)
+            tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, extras)
     except Interrupted as e:
         raise stopped(e.signum, bar.documents, run_dir) from None
     finally:
         bar.close()
     scoring_time = time.perf_counter() - scoring_started
 
-    parts = ranks.gather((tally, stream.digest, stream.count))
+    parts = ranks.gather((tally, stream.digest, stream.count, stream.bad.describe()))
     summary, failure = None, None
     if ranks.main:
-        missing = [r for r, (t, _, _) in enumerate(parts) if t.scored and ranks.world > 1 and not run_dir.rank_file(r).exists()]
+        missing = [r for r, (t, *_) in enumerate(parts) if t.scored and ranks.world > 1 and not run_dir.rank_file(r).exists()]
         if missing:
             raise PplError(f"{run_dir.rank_file(missing[0])} is missing: is {run_dir.path} on a filesystem every node shares?")
         sampling = setup.plan.describe() if setup.plan is not None else None
-        documents = max(n for _, _, n in parts)
-        data_info = data_description(setup.sources, config, documents, add_fingerprints(fingerprint(d) for _, d, _ in parts), sampling)
-        skipped = sum((t.skipped for t, _, _ in parts), Counter())
+        documents = max(n for _, _, n, _ in parts)
+        data_info = data_description(setup.sources, config, documents, add_fingerprints(fingerprint(d) for _, d, _, _ in parts), sampling)
+        skipped = sum((t.skipped for t, *_ in parts), Counter())
+        unscored = Unscored(sum(t.short for t, *_ in parts), BadRecords.joined([b for *_, b in parts]) if config.skip_bad_records else None)
 
         def summarize(rows, reference=(), contexts=()):
             timings = {
                 "wall_time_s": time.perf_counter() - setup.started,
                 "scoring_time_s": scoring_time,
-                "scored_now": sum(t.tokens for t, _, _ in parts),
+                "scored_now": sum(t.tokens for t, *_ in parts),
             }
             if caller.on_rows is not None and ranks.world > 1:
                 rows = handed_on(rows, caller.on_rows)
-            summary = build_summary(config, rows, skipped, lm.info, data_info, windowing, timings, ref and ref.info, reference, contexts)
+            summary = build_summary(config, rows, skipped, lm.info, data_info, windowing, timings, ref and ref.info, reference, contexts, unscored)
             check_something_scored(summary, config)
-            return {**summary, "ranks": ranks.world}
+            return {**summary, **({"bow_correction": words.described} if words else {}), "ranks": ranks.world}
 
         try:
             summary = run_dir.finish(summarize, columns=csv_columns(config.group_by is not None, config.signals, config.reference_model is not None))
@@ -189,7 +207,21 @@ def score_with(setup: Setup, caller: Caller, lm) -> Result:
     return Result(summary, run_dir.documents, setup.spool)
 
 
-def sample_plan(config: Config, sources):
+def length_passes(windowing, lm):
+    """--lengths' prefix protocol: one pass at the largest length, or a pass per length where the
+    model's logits depend on the input's length (said in one line, and recorded in the windowing)."""
+    from .engine.length_probe import length_dependence
+
+    if windowing.protocol != "prefix" or len(windowing.lengths) < 2:
+        return windowing
+    why = length_dependence(lm.model, lm.device, windowing.lengths[0], windowing.lengths[-1])
+    if why is None:
+        return windowing
+    warnings.warn(f"--lengths: each length is scored in its own pass, because {why}", PplWarning, stacklevel=2)
+    return replace(windowing, per_length=True, length_dependence=why)
+
+
+def sample_plan(config: Config, sources, texts=None):
     """--sample: a share, decided document by document; --sample-per-group: a scan of the whole
     input first, for every group's documents (the sampled ones and the population)."""
     from .data.sampling import per_group_plan, share_plan
@@ -198,7 +230,7 @@ def sample_plan(config: Config, sources):
         return share_plan(config.sample, config.seed)
     if "-" in config.data:
         raise PplError("--sample-per-group reads the input twice (a scan, then the sample), which standard input cannot do; use a file")
-    scan = DocumentStream(sources, config)
+    scan = DocumentStream(sources, config, texts=texts)
     scan.check()
     return per_group_plan(((index, doc.group) for index, doc in scan), config.sample_per_group, config.seed)
 
@@ -281,9 +313,46 @@ def conditional_sequences(config: Config, lm, windowing) -> ConditionalRun | Non
     return ConditionalRun(Conditional(layout, mode, pair_prefix, empty_context_prefix, alone_prefix), identity)
 
 
-def kept_token_values(config: Config) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class WordRun:
+    """--save-words: how words are scored, and what run.json and summary.json record of it."""
+
+    export: Any  # output.word_export.WordExport
+    classes: Any  # torch.Tensor [V, 3]: the word-start classes the scorer sums (None: no correction)
+    identity: dict
+    described: dict
+
+
+def word_export(config: Config, lm, windowing, run_dir: RunDirectory) -> WordRun | None:
+    """--save-words: the tokenizer's word-start tokens (the correction on where they are defined,
+    off with a one-line notice where not) and the word export into the run directory."""
+    import torch
+
+    from .engine.word_starts import find_word_starts
+    from .output.word_export import WordExport
+
+    if not config.save_words:
+        return None
+    found = find_word_starts(lm.tokenizer, lm.info["vocab_size"])
+    if isinstance(found, str):
+        if config.bow_correction:
+            raise PplError(f"--bow-correction is not defined for {config.model}: {found}")
+        if config.bow_correction is None:
+            warnings.warn(f"words are scored without the beginning-of-word correction: {found}", PplWarning, stacklevel=2)
+        found = None
+    corrected = found is not None and config.bow_correction is not False
+    classes = torch.from_numpy(found.classes()) if corrected else None
+    export = WordExport(run_dir.path, found.starts if corrected else None, len(prefix(windowing)))
+    described = {"on": corrected, **(found.describe() if found else {"why_off": "not defined for this tokenizer"})}
+    if found is not None and not corrected:
+        described["why_off"] = "--no-bow-correction"
+    return WordRun(export, classes, {"words_field": config.words_field, "bow_correction": corrected}, described)
+
+
+def kept_token_values(config: Config, word_classes: bool = False) -> tuple[str, ...]:
     """The per-token values the scorer hands back: the NLL (for contexts.jsonl), a reference's KL
-    and delta p (reference.jsonl), for --save-tokens entropy and rank too, for --signals entropy and z."""
+    and delta p (reference.jsonl), for --save-tokens entropy and rank too, for --signals entropy and z,
+    for --save-words with the correction (`word_classes`) the word-start classes."""
     keep = ["nll"]
     if config.reference_model:
         keep += ["kld", "delta_p"] + (["ref_nll"] if config.save_tokens else [])
@@ -291,6 +360,8 @@ def kept_token_values(config: Config) -> tuple[str, ...]:
         keep += ["entropy", "rank"]
     if config.signals:
         keep += ["entropy", "z"]
+    if word_classes:
+        keep += ["bow", "bow_eos", "not_bow"]
     return tuple(dict.fromkeys(keep))
 
 
@@ -324,13 +395,17 @@ def open_run_directory(config: Config, ranks) -> tuple[RunDirectory, Any]:
 
 
 def begin_run(run_dir: RunDirectory, ranks, identity: dict) -> None:
-    """Rank 0 checks the output directory against this run; then every rank may read what is done."""
+    """Rank 0 checks the output directory against this run (saying in one line what an earlier run
+    finished there); then every rank may read what is done."""
     status = None
     if ranks.main and not run_dir.spool:
         try:
             run_dir.begin(identity)
-            if identity["save_tokens"]:  # parts of documents whose rows a kill cut off are written anew
-                keep_only_done(run_dir.path, (row["index"] for row in run_dir.done_rows()))
+            done = run_dir.done_count()
+            if done:
+                logger.info("resuming: %s of an earlier run are done in %s", counted(done, "document"), run_dir.path)
+            for folder in [TOKENS_DIR] * identity["save_tokens"] + [WORDS_DIR] * bool(identity.get("words")):
+                keep_only_done(run_dir.path, (row["index"] for row in run_dir.done_rows()), folder)  # parts of rows a kill cut off are written anew
         except PplError as e:
             status = (str(e), e.exit_code)
     status = ranks.broadcast(status)
@@ -343,8 +418,9 @@ def stopped(signum: int, documents: int, run_dir: RunDirectory) -> PplError:
 
     name = signal.Signals(signum).name
     if run_dir.spool:
-        return PplError(f"stopped by {name}: {documents} documents were scored but not saved (use -o DIR to keep them)", 128 + signum)
-    return PplError(f"stopped by {name}: {documents} documents are saved in {run_dir.path}; run the same command to resume", 128 + signum)
+        return PplError(f"stopped by {name}: {counted(documents, 'document')} scored but not saved (use -o DIR to keep them)", 128 + signum)
+    saved = "1 document is" if documents == 1 else f"{documents:,} documents are"
+    return PplError(f"stopped by {name}: {saved} saved in {run_dir.path}; run the same command to resume", 128 + signum)
 
 
 def default_batch_tokens(device, window: int) -> int:

@@ -8,6 +8,7 @@
     python scripts/bench.py --convention lm-eval --paired 12  # one window, engines alternating: compute alone
     python scripts/bench.py --paired 12 --save-tokens          # and what --save-tokens costs a window
     python scripts/bench.py --dtypes float32 --signals --repeat 3   # and what --signals costs a run
+    python scripts/bench.py --dtypes float32 --save-words --repeat 3   # and what --save-words costs a run
     python scripts/bench.py --device cuda --shape llama-1b.json --lm-eval-batch auto   # a random model of that shape
 
 The articles are joined into one document and tokenized without special tokens, so every run
@@ -19,7 +20,9 @@ no log-softmax): the least time any exact engine built on torch's kernels needs,
 is the ceiling for ppl-eval's. `--save-tokens` adds ppl-eval with every scored token's log
 probability, entropy and rank computed and written to Parquet, as `run --save-tokens` does.
 `--signals` adds ppl-eval computing every token's entropy and Min-K%++ z in the LM head chunks and
-the document's signals from them, as `run --signals` does. `--shape CONFIG.json` replaces the
+the document's signals from them, as `run --signals` does. `--save-words` adds ppl-eval keeping the
+word-start classes' log-probabilities in the LM head chunks (and after the last token), every
+word's corrected surprisal and its Parquet part, as `run --save-words` does. `--shape CONFIG.json` replaces the
 model's weights by a seeded random model of that Llama configuration (speed only: its perplexity
 means nothing), the text still tokenized by `--model`'s tokenizer. On CUDA each ppl-eval row also
 gives the share of its time the GPU spends outside the forward passes (CUDA events around each
@@ -50,14 +53,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppl_cli import Config  # noqa: E402
 from ppl_cli.data.documents import load_documents  # noqa: E402
+from ppl_cli.data.records import Document  # noqa: E402
 from ppl_cli.engine import scorer as scorer_module  # noqa: E402
-from ppl_cli.engine.conventions import Windowing  # noqa: E402
+from ppl_cli.engine.conventions import Windowing, windows  # noqa: E402
 from ppl_cli.engine.loading import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
 from ppl_cli.engine.scorer import Job, Scorer  # noqa: E402
+from ppl_cli.engine.tokenizing import Encoder, Tokenized  # noqa: E402
 from ppl_cli.engine.windows import lm_eval_windows, sliding_windows  # noqa: E402
-from ppl_cli.output.rows import score_documents, scored_positions, token_values  # noqa: E402
+from ppl_cli.engine.word_starts import find_word_starts  # noqa: E402
+from ppl_cli.output.rows import score_documents, scored_positions, token_values, window_job  # noqa: E402
 from ppl_cli.output.signals import document_signals  # noqa: E402
 from ppl_cli.output.token_export import TokenPieces, document_table, write_part  # noqa: E402
+from ppl_cli.output.word_export import WordExport  # noqa: E402
 from ppl_cli.pipeline import default_batch_tokens  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
@@ -85,6 +92,7 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="also time the float32 forward passes alone")
     parser.add_argument("--save-tokens", action="store_true", help="also time float32 with every token saved to Parquet")
     parser.add_argument("--signals", action="store_true", help="also time float32 with --signals")
+    parser.add_argument("--save-words", action="store_true", help="also time float32 with every word's surprisal saved to Parquet")
     parser.add_argument("--paired", type=int, metavar="ROUNDS",
                         help="instead: one steady-state window, the engines taking turns ROUNDS times in this "
                         "one process (compute alone, resistant to drift; see paired_windows)")  # fmt: skip
@@ -118,6 +126,8 @@ def main() -> None:
         engines.append("tokens:float32")
     if args.signals:
         engines.append("signals:float32")
+    if args.save_words:
+        engines.append("words:float32")
 
     # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
     # keep_freed_memory) must not speed up the baseline. --repeat: the engines take turns, round
@@ -204,6 +214,9 @@ def run_engine(args) -> dict:
     elif kind == "signals":
         signals = SignalScorer(lm, batch_tokens, "".join(d.text for d in docs))
         row = measure("ppl-eval --signals", dtype, lambda: (signals.document(sequence, windowing), scored), lm)
+    elif kind == "words":
+        words = WordSaver(lm, batch_tokens, "".join(d.text for d in docs))
+        row = measure("ppl-eval --save-words", dtype, lambda: (words.document(sequence, windowing), scored), lm)
     else:
         scorer = Scorer(lm.model, lm.device, batch_tokens)
         row = measure("floor", dtype, lambda: forward_floor(scorer, sequence, windowing, scored), lm)
@@ -310,6 +323,27 @@ class SignalScorer:
     def signals(self, values, nll_sum) -> float:
         document_signals(values, (self.text,), 0.2, {"nll_sum": nll_sum, "tokens": len(values["nll"])})
         return nll_sum
+
+
+class WordSaver:
+    """ppl-eval's engine as `run --save-words` runs it: the word-start classes kept in the LM head
+    chunks (and after the last token), each word's surprisal, written to Parquet."""
+
+    def __init__(self, lm, batch_tokens, text):
+        found = find_word_starts(lm.tokenizer, lm.info["vocab_size"])
+        self.scorer = Scorer(lm.model, lm.device, batch_tokens, keep=("nll", "bow", "bow_eos", "not_bow"), word_classes=torch.from_numpy(found.classes()))
+        self.export = WordExport(Path(tempfile.mkdtemp(prefix="ppl-eval-bench-words-")), found.starts, 0)
+        self.text = text
+        self.offsets = np.array(Encoder(lm.tokenizer).with_offsets([text])[0][1], dtype=np.int32)
+
+    def document(self, ids, windowing) -> float:
+        spans = windows(len(ids), windowing)
+        jobs = [window_job(ids, w, windowing, tail=k == len(spans) - 1) for k, w in enumerate(spans)]
+        scored = list(zip(spans, self.scorer.score(jobs)))
+        item = Tokenized(0, Document("bench", self.text), np.array(ids), len(ids), offsets=self.offsets)
+        table, _ = self.export.document(item, token_values(scored), scored[-1][1].tail)
+        self.export.write([table])
+        return sum(s.sums["nll_sum"] for _, s in scored)
 
 
 def forward_floor(scorer, sequence, windowing, scored):

@@ -135,11 +135,11 @@ def data_path(corpus: Path, limit: int) -> dict:
     from ppl_cli.data.sources import resolve_sources
     from ppl_cli.engine.conventions import Windowing
     from ppl_cli.engine.loading import resolve_model
-    from ppl_cli.engine.tokenizing import batch_encoder, tokenize_documents
+    from ppl_cli.engine.tokenizing import Encoder, tokenize_documents
 
     source = resolve_model("smollm2-135m")
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    encode = batch_encoder(tokenizer)
+    encode = Encoder(tokenizer)
     windowing = Windowing("sliding", 2048, 1024, True, 1)
     config = Config(data=str(corpus), limit=limit)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -55,18 +56,25 @@ DRY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 
 @dataclass
 class Part:
-    """A share of the budget: steps run while their estimate fits in what is left."""
+    """A share of the budget: steps run while their estimate fits in what is left, each given what
+    is left as its timeout. A dry run (`dry`) checks that the script works, whatever the machine's
+    speed: it runs every step to its end, with no timeout."""
 
     name: str
     seconds: float
+    dry: bool = False
     started: float = field(default_factory=time.monotonic)
     cut: list[str] = field(default_factory=list)
 
     def left(self) -> float:
         return self.seconds - (time.monotonic() - self.started)
 
+    def timeout(self) -> float | None:
+        """A step's timeout: what is left of the part (at least a second), none in a dry run."""
+        return None if self.dry else max(self.left(), 1.0)
+
     def fits(self, step: str, estimate: float) -> bool:
-        if self.left() >= estimate:
+        if self.dry or self.left() >= estimate:
             return True
         self.cut.append(f"{step} (needs about {estimate:.0f} s, {max(self.left(), 0):.0f} s left)")
         return False
@@ -98,7 +106,7 @@ class Runner:
         self.cuda = torch.cuda.is_available()
         self.device = "cuda" if self.cuda else "cpu"
         self.dry = args.dry_run
-        self.model = plain_model(args.model, self.out)
+        self.model, self.scratch = plain_model(args.model)  # the scratch folder (no GGUF cache) lives as long as the runner
         self.documents = 8 if self.dry else 60
         self.window = 32 if self.dry else 1024
         self.corpus = self.write_corpus("corpus.jsonl", self.documents, words=(20, 200) if self.dry else (100, 2500))
@@ -116,7 +124,7 @@ class Runner:
                 f.write(json.dumps({"id": f"doc{i}", "text": " ".join((source * 2)[start : start + length])}) + "\n")
         return path
 
-    def cli(self, name: str, args: list[str], timeout: float, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    def cli(self, name: str, args: list[str], timeout: float | None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
         """`ppl-eval ARGS` in a fresh process (or under `launcher`), its output in logs/NAME.log."""
         command = [*(launcher or [sys.executable]), "-m", "ppl_cli", *(["--"] if launcher else []), *args]
         with open(self.out / "logs" / f"{name}.log", "w") as log:
@@ -129,24 +137,17 @@ class Runner:
                 "-o", str(output), *([] if resume else ["--overwrite"]), *extra]  # fmt: skip
 
 
-def plain_model(spec: str, out: Path) -> str:
-    """A model directory: a .gguf model (SmolLM2's) is de-quantized once into OUT/model-f32, so
-    that every process loads it in seconds and it can be quantized again (docs/models.md's recipe)."""
-    from ppl_cli import Config
+def plain_model(spec: str) -> tuple[str, object]:
+    """A model directory: a .gguf model's (SmolLM2's) de-quantized copy, which ppl-eval keeps in the HF cache;
+    and the temporary folder holding it when the cache is off."""
+    from ppl_cli.engine.gguf_cache import dequantized
     from ppl_cli.engine.loading import resolve_model
 
-    if resolve_model(spec).kind not in ("alias", "gguf"):
-        return spec
-    folder = out / "model-f32"
-    if not (folder / "config.json").is_file():
-        from ppl_cli.engine.loading import load_model
-
-        lm = load_model(Config(model=spec, device="cpu", dtype="float32"))
-        del lm.model.config.quantization_config
-        lm.model.hf_quantizer = None
-        lm.model.save_pretrained(folder)
-        lm.tokenizer.save_pretrained(folder)
-    return str(folder)
+    source = resolve_model(spec)
+    if source.kind not in ("alias", "gguf"):
+        return spec, None
+    folder, scratch = dequantized(source.location, source.gguf_file, spec)
+    return str(folder), scratch
 
 
 def rows(folder: Path) -> list[dict]:
@@ -240,11 +241,11 @@ def check_golden(r: Runner) -> Check:
 def check_resume(r: Runner, part: Part) -> Check:
     whole, killed = r.out / "runs" / "whole", r.out / "runs" / "killed"
     small = ["--max-batch-tokens", str(r.window)]
-    r.cli("resume-whole", r.run_args(whole, *small), part.left())
+    r.cli("resume-whole", r.run_args(whole, *small), part.timeout())
     command = [sys.executable, "-m", "ppl_cli", *r.run_args(killed, *small)]
     with open(r.out / "logs" / "resume-killed.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        deadline, at_kill = time.monotonic() + part.left(), None
+        deadline, at_kill = time.monotonic() + (part.timeout() or math.inf), None
         while proc.poll() is None and time.monotonic() < deadline:
             done = killed / "documents.jsonl"
             if done.exists() and len(done.read_text().splitlines()) >= r.documents // 3:
@@ -253,7 +254,7 @@ def check_resume(r: Runner, part: Part) -> Check:
                 break
             time.sleep(0.01)
         proc.wait()
-    resumed = r.cli("resume-again", r.run_args(killed, *small, resume=True), part.left())
+    resumed = r.cli("resume-again", r.run_args(killed, *small, resume=True), part.timeout())
     if resumed.returncode:
         return Check("resume after SIGKILL", False, f"the resumed run failed (exit {resumed.returncode}, logs/resume-again.log)")
     same = (killed / "documents.jsonl").read_text() == (whole / "documents.jsonl").read_text()
@@ -293,9 +294,9 @@ def check_oom(r: Runner) -> Check:
 def check_torchrun(r: Runner, part: Part) -> Check:
     single, ranked = r.out / "runs" / "whole", r.out / "runs" / "torchrun"  # the resume check's uninterrupted run
     if not (single / "summary.json").is_file():
-        r.cli("whole", r.run_args(single, "--max-batch-tokens", str(r.window)), part.left())
+        r.cli("whole", r.run_args(single, "--max-batch-tokens", str(r.window)), part.timeout())
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(29500 + os.getpid() % 2000)]
-    done = r.cli("torchrun-one-rank", r.run_args(ranked), part.left(), launcher)
+    done = r.cli("torchrun-one-rank", r.run_args(ranked), part.timeout(), launcher)
     if done.returncode:
         return Check("torchrun with one rank", False, f"exit {done.returncode} (logs/torchrun-one-rank.log)")
     worst = close(rows(ranked), rows(single), 1e-6)
@@ -306,7 +307,7 @@ def check_save_tokens(r: Runner, part: Part) -> Check:
     import pyarrow.parquet as pq
 
     out = r.out / "runs" / "tokens"
-    done = r.cli("save-tokens", r.run_args(out, "--save-tokens"), part.left())
+    done = r.cli("save-tokens", r.run_args(out, "--save-tokens"), part.timeout())
     if done.returncode:
         return Check("--save-tokens", False, f"exit {done.returncode} (logs/save-tokens.log)")
     table = pq.read_table(out / "tokens", columns=["index", "logprob"]).to_pydict()
@@ -319,7 +320,7 @@ def check_save_tokens(r: Runner, part: Part) -> Check:
 
 def check_reference(r: Runner, part: Part) -> Check:
     out = r.out / "runs" / "reference"
-    done = r.cli("reference-model", r.run_args(out, "--reference-model", r.model, "--dtype", "float32", "--reference-dtype", "float32"), part.left())
+    done = r.cli("reference-model", r.run_args(out, "--reference-model", r.model, "--dtype", "float32", "--reference-dtype", "float32"), part.timeout())
     if done.returncode:
         return Check("--reference-model", False, f"exit {done.returncode} (logs/reference-model.log)")
     reference = json.loads((out / "summary.json").read_text())["reference"]
@@ -331,7 +332,7 @@ def check_device_map(r: Runner, part: Part) -> Check:
     if not r.cuda:
         return Check("--device-map auto", None, "CUDA only")
     plain, mapped = r.out / "runs" / "whole", r.out / "runs" / "device-map"
-    done = r.cli("device-map", r.run_args(mapped, "--device-map", "auto"), part.left())
+    done = r.cli("device-map", r.run_args(mapped, "--device-map", "auto"), part.timeout())
     if done.returncode:
         return Check("--device-map auto", False, f"exit {done.returncode} (logs/device-map.log)")
     worst = close(rows(mapped), rows(plain), 1e-5)
@@ -345,7 +346,7 @@ def check_quantized(r: Runner, part: Part) -> Check:
     if scheme is None:
         return Check("a quantized model", None, "needs bitsandbytes (CUDA) or torchao: pip install 'ppl-eval[quantize]'")
     out = r.out / "runs" / "quantized"
-    done = r.cli("quantized", r.run_args(out, "--quantize", scheme, "--reference-model", r.model, "--reference-dtype", "float32"), part.left())
+    done = r.cli("quantized", r.run_args(out, "--quantize", scheme, "--reference-model", r.model, "--reference-dtype", "float32"), part.timeout())
     if done.returncode:
         return Check(f"--quantize {scheme}", False, f"exit {done.returncode} (logs/quantized.log)")
     ratio = json.loads((out / "summary.json").read_text())["reference"]["ppl_ratio"]["value"]
@@ -391,7 +392,7 @@ def run_slow_tests(r: Runner, part: Part) -> dict:
         command.append("--collect-only")  # a dry run lists them: the real model on a CPU takes minutes
     with open(r.out / "pytest-slow.log", "w") as log:
         try:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=max(part.left(), 1))
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=part.timeout())
             status = {"exit": done.returncode}
         except subprocess.TimeoutExpired:
             part.cut.append("the slow tests ran out of time (pytest-slow.log has how far they got)")
@@ -422,7 +423,7 @@ def bench(r: Runner, part: Part, label: str, extra: list[str], estimate: float) 
     name = label.replace(" ", "-").replace(",", "")
     with open(r.out / "logs" / f"bench-{name}.log", "w") as log:
         try:
-            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, timeout=max(part.left(), 1))
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, timeout=part.timeout())
         except subprocess.TimeoutExpired:
             part.cut.append(f"{label} (ran out of time)")
             return None
@@ -442,7 +443,7 @@ def short_documents(r: Runner, part: Part) -> list[dict]:
             continue
         command = [sys.executable, str(Path(__file__)), "--time-run", str(corpus), "--model", r.model, "--out", str(r.out), "--dtype", dtype]
         with open(r.out / "logs" / f"short-{dtype}.log", "w") as log:
-            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, timeout=max(part.left(), 1))
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, timeout=part.timeout())
         out.append(json.loads(done.stdout) if done.returncode == 0 else {"dtype": dtype, "error": f"exit {done.returncode}"})
         print(f"measured short documents {dtype}", flush=True)
     return out
@@ -567,14 +568,14 @@ def main(argv=None) -> int:
     parts = []
     checks, slow, measured = [], None, {}
     if "checks" not in skip:
-        parts.append(Part("checks", args.budget * SHARES["checks"]))
+        parts.append(Part("checks", args.budget * SHARES["checks"], args.dry_run))
         checks = run_checks(r, parts[-1])
         (r.out / "checks.json").write_text(json.dumps([c.as_dict() for c in checks], indent=2) + "\n")
     if "slow" not in skip:
-        parts.append(Part("slow tests", args.budget * SHARES["slow tests"]))
+        parts.append(Part("slow tests", args.budget * SHARES["slow tests"], args.dry_run))
         slow = run_slow_tests(r, parts[-1])
     if "measurements" not in skip:
-        parts.append(Part("measurements", args.budget * SHARES["measurements"]))
+        parts.append(Part("measurements", args.budget * SHARES["measurements"], args.dry_run))
         measured = run_measurements(r, parts[-1])
         (r.out / "measurements.json").write_text(json.dumps(measured, indent=2) + "\n")
     text = report(r, env, checks, slow, measured, parts)

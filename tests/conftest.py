@@ -146,6 +146,55 @@ def save_tiny_chat_llama(path: Path) -> Path:
     return path
 
 
+def save_tiny_gguf(path: Path) -> Path:
+    """A 2-layer Llama written as a .gguf file (float32 tensors, the tiny BPE tokenizer, written with
+    gguf-py's writer as llama.cpp's converter lays one out): a GGUF model that loads in seconds."""
+    import gguf
+    import numpy as np
+
+    tok = train_tokenizer(["<s>", "</s>"])
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    size, ffn, heads, kv_heads, layers = 32, 64, 4, 2, 2
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(size)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(size // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in ("<s>", "</s>") else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.add_add_bos_token(False)
+    kv = kv_heads * size // heads
+    shapes = {"token_embd.weight": (len(tokens), size), "output_norm.weight": (size,), "output.weight": (len(tokens), size)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_norm.weight": (size,), f"blk.{i}.attn_q.weight": (size, size), f"blk.{i}.attn_k.weight": (kv, size),
+                       f"blk.{i}.attn_v.weight": (kv, size), f"blk.{i}.attn_output.weight": (size, size), f"blk.{i}.ffn_norm.weight": (size,),
+                       f"blk.{i}.ffn_gate.weight": (ffn, size), f"blk.{i}.ffn_up.weight": (ffn, size), f"blk.{i}.ffn_down.weight": (size, ffn)})  # fmt: skip
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.5).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> str:
+    return str(save_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_64(tmp_path_factory) -> str:
     """A tiny Llama 64 wide, its weights at twice the init's scale: quantizers' blocks fit it."""

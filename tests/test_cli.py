@@ -90,7 +90,7 @@ def test_resume_continues_and_refuses_a_different_run(tiny_gpt2, corpus_jsonl, t
     "args,code,message",
     [
         (["--data", "missing.jsonl"], 3, "data not found: missing.jsonl"),
-        (["--data", "{corpus}", "--window", "4096"], 2, "--window 4096 is larger than the model's context length (128)"),
+        (["--data", "{corpus}", "--window", "4096"], 2, "--window 4096 is longer than the model's context length (128); --allow-beyond-context scores it anyway"),
         (["--data", "{corpus}", "--stride", "0"], 2, "stride must be at least 1"),
         (["--data", "{corpus}", "--limit", "0"], 2, "limit must be at least 1"),
         (["--data", "{corpus}", "--text-field", "body"], 3, "has no field 'body' (fields: id, text)"),

@@ -42,7 +42,9 @@ def test_jsonl_with_ids_and_limit(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "one", "id": 7}\n\n{"text": "two", "id": 8}\n{"text": "three", "id": 9}\n')
     assert load(path, id_field="id", limit=2) == [Document("7", "one"), Document("8", "two")]
-    assert [d.id for d in load(path)] == ["d.jsonl:1", "d.jsonl:3", "d.jsonl:4"]  # without --id-field: file:line
+    assert [d.id for d in load(path)] == ["7", "8", "9"]  # without --id-field: a field named id
+    (tmp_path / "n.jsonl").write_text('{"text": "one", "key": 7}\n\n{"text": "two"}\n')
+    assert [d.id for d in load(tmp_path / "n.jsonl")] == ["n.jsonl:1", "n.jsonl:3"]  # no id field: file:line
 
 
 def test_json_array_object_and_lines(tmp_path):

@@ -10,7 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from gpu_check import CHECKS, GOLDEN, golden_failures  # noqa: E402
+from gpu_check import CHECKS, GOLDEN, Part, golden_failures  # noqa: E402
+
+
+def test_a_dry_run_has_no_timeouts_and_cuts_nothing():
+    """The dry run checks that the script works: its steps must not depend on the machine's speed."""
+    dry, real = Part("checks", 0.0, dry=True), Part("checks", 0.0)
+    assert dry.timeout() is None and dry.fits("anything", 1e9) and not dry.cut
+    assert real.timeout() == 1.0 and not real.fits("anything", 1.0) and real.cut
 
 
 def test_golden_failures_name_what_differs():

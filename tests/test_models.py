@@ -1,6 +1,5 @@
 """Models as users have them: spread by a device map, quantized, in memory in a training loop, a series of checkpoints."""
 
-import copy
 import json
 import math
 import subprocess
@@ -125,8 +124,6 @@ def test_a_missing_or_misplaced_quantizer_is_one_line(tiny_llama_64, corpus, mon
     monkeypatch.setattr(loading, "installed", lambda package: True)
     device = CliRunner().invoke(cli, ["run", "-q", "--model", tiny_llama_64, "--data", corpus, "--quantize", "torchao-int4", "--device", "cpu"])
     assert device.exit_code == 4 and "runs on CUDA" in device.stderr
-    gguf = CliRunner().invoke(cli, ["run", "-q", "--model", "smollm2-135m", "--data", corpus, "--quantize", "quanto-int8"])
-    assert gguf.exit_code == 4 and "--quantize cannot re-quantize SmolLM2-135M-Instruct.Q4_1.gguf" in gguf.stderr
 
 
 # --- a model in memory -----------------------------------------------------------------------------
@@ -197,6 +194,61 @@ def test_the_trainer_callback_logs_what_a_run_of_the_checkpoint_gives(tiny_llama
     assert logged[-1]["heldout_loss"] == pytest.approx(separate["nll_sum"] / separate["tokens"], rel=1e-5)
 
 
+def train_with(model, callback, tmp_path, processing_class=None, steps=4):
+    """A real Trainer over a few tokenized documents, with `callback`; returns it once trained."""
+    import transformers
+    from datasets import Dataset
+
+    encoded = [list(range(5 + k, 20 + k)) for k in range(4)]
+    train = Dataset.from_dict({"input_ids": encoded, "labels": encoded})
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "train"), per_device_train_batch_size=1, max_steps=steps, logging_steps=2,
+                                          report_to=[], save_strategy="no", learning_rate=1e-3, use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train, processing_class=processing_class, callbacks=[callback],
+                                   data_collator=transformers.default_data_collator)  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def logged(trainer) -> list[int]:
+    return [entry["step"] for entry in trainer.state.log_history if "heldout_perplexity" in entry]
+
+
+def test_the_callback_finds_a_tokenizer_or_says_so_and_never_ends_the_training(tiny_llama, corpus, tmp_path, caplog):
+    import torch
+    import transformers
+
+    from ppl_cli.integrations import PerplexityCallback
+
+    # no processing_class: the tokenizer saved with the model (its name_or_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert logged(train_with(model, PerplexityCallback(corpus, every=2, window=32), tmp_path)) == [2, 4]
+    def nameless():
+        """A model built from its configuration: no name_or_path to find a tokenizer by."""
+        built = transformers.AutoModelForCausalLM.from_config(model.config)
+        built.config._name_or_path = ""
+        return built
+
+    # tokenizer= given
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    assert logged(train_with(nameless(), PerplexityCallback(corpus, every=2, window=32, tokenizer=tokenizer), tmp_path)) == [2, 4]
+    # none anywhere: said once, before step one; training ends as planned
+    caplog.clear()
+    trainer = train_with(nameless(), PerplexityCallback(corpus, every=2, window=32), tmp_path)
+    assert trainer.state.global_step == 4 and logged(trainer) == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ppl_cli.integrations"]
+    assert len(warnings) == 1 and "no tokenizer for this model" in warnings[0] and "tokenizer=tokenizer" in warnings[0]
+    # an evaluation that fails (the held-out file went away): a warning a time, and training goes on
+    gone = tmp_path / "gone.jsonl"
+    gone.write_text(Path(corpus).read_text())
+    callback = PerplexityCallback(str(gone), every=2, window=32, tokenizer=tokenizer)
+    gone.unlink()
+    caplog.clear()
+    trainer = train_with(nameless(), callback, tmp_path)
+    assert trainer.state.global_step == 4 and logged(trainer) == []
+    failures = [r.getMessage() for r in caplog.records if r.name == "ppl_cli.integrations"]
+    assert len(failures) == 2 and all("evaluation at step" in f and "training goes on" in f and "data not found" in f for f in failures)
+
+
 # --- a series of checkpoints -----------------------------------------------------------------------
 
 
@@ -249,28 +301,23 @@ def test_bad_series_are_one_line(checkpoints, corpus, tmp_path, tiny_gpt2):
 
 
 @pytest.mark.slow
-def test_smollm2_quantized_on_cpu_stays_near_float32(smollm2, tmp_path):
+def test_smollm2_quantized_on_cpu_stays_near_float32(smollm2):
     """The worked table of docs/models.md, in small: SmolLM2 int8 and 4-bit against float32 on one WikiText article."""
     from conftest import wikitext_valid_or_skip
 
     from ppl_cli.engine.loading import QUANTIZERS, installed
 
     data = wikitext_valid_or_skip()
-    saved = tmp_path / "smollm2"
-    model = copy.deepcopy(smollm2.model)  # docs/models.md's recipe for a .gguf model quantized again
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(saved)
-    smollm2.tokenizer.save_pretrained(saved)
+    saved = "smollm2-135m"  # the GGUF's float32 weights, quantized again (docs/models.md)
     for scheme, within in (("torchao-int8", 0.01), ("bnb-4bit", 0.5)):  # NF4 costs a 135M model about a quarter of its perplexity (docs/models.md)
         if not installed(QUANTIZERS[scheme][0]):
             continue
-        summary = evaluate(Config(model=str(saved), data=str(data), limit=1, window=512, quantize=scheme, reference_model=str(saved), reference_dtype="float32")).summary
+        summary = evaluate(Config(model=saved, data=str(data), limit=1, window=512, quantize=scheme, reference_model=saved, reference_dtype="float32")).summary
         base = summary["reference"]["perplexity"]
         assert abs(summary["token_perplexity"] / base - 1) < within, scheme
         assert 0 < summary["reference"]["kld_mean"]["value"] < within
     if installed("bitsandbytes"):  # LLM.int8's outlier columns span a batch: scored one window a batch, the batch size changes nothing
-        runs = [evaluate(Config(model=str(saved), data=str(data), limit=2, window=256, quantize="bnb-8bit", max_batch_tokens=tokens)) for tokens in (256, 4096)]
+        runs = [evaluate(Config(model=saved, data=str(data), limit=2, window=256, quantize="bnb-8bit", max_batch_tokens=tokens)) for tokens in (256, 4096)]
         assert runs[0].summary["model"]["batch"].startswith("one window a batch")
         assert [r["nll_sum"] for r in runs[0].documents] == [r["nll_sum"] for r in runs[1].documents]
 

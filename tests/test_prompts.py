@@ -413,7 +413,8 @@ def test_pairs_match_lm_evaluation_harness_loglikelihood(smollm2, tmp_path, monk
         rows = rows_of(evaluate(config))
         assert len(rows) == len(part["pairs"])
         for row, pair in zip(rows, part["pairs"]):
-            assert -row["nll_sum"] == pytest.approx(pair["loglikelihood"], rel=1e-6), pair["shape"]
+            # float32 kernels round differently by CPU kind: within 4.3e-7 on the machine that ran lm-eval, 1.4e-6 on an Intel Xeon
+            assert -row["nll_sum"] == pytest.approx(pair["loglikelihood"], rel=5e-6), pair["shape"]
         if part["window"] == 64:
             assert sum(r["context_cut"] for r in rows) >= 10  # contexts longer than the window, cut as lm-eval cut them
 

@@ -1,6 +1,7 @@
 """--shard I/N, `ppl-eval merge` and torchrun: every way of splitting gives the single run's numbers."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -128,7 +129,7 @@ def test_merge_refuses_missing_duplicate_and_foreign_shards(three_shards, tiny_l
     missing = merge(s0, s2, "-o", out)
     assert missing.exit_code == 3 and "missing shard 1/3; use --allow-partial" in missing.stderr
     duplicate = merge(s0, s1, s1, "-o", out)
-    assert duplicate.exit_code == 3 and "shard 1/3 is given twice" in duplicate.stderr
+    assert duplicate.exit_code == 3 and f"{s1} and {s1} hold the same folder" in duplicate.stderr
     other = tmp_path / "other"
     run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "48", "--shard", "1/3", "-o", str(other))
     foreign = merge(s0, str(other), s2, "-o", out)
@@ -140,6 +141,30 @@ def test_merge_refuses_missing_duplicate_and_foreign_shards(three_shards, tiny_l
     run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "-o", str(unsharded))
     assert "is a whole run and" in merge(s0, str(unsharded), "-o", out).stderr and "merge the shards of each run first" in merge(s0, str(unsharded), "-o", out).stderr
     assert "is not a finished ppl-eval run" in merge(s0, str(tmp_path / "nothing"), "-o", out).stderr
+
+
+def test_merge_refuses_to_count_a_document_twice(tiny_llama, corpus_jsonl, tmp_path, three_shards):
+    whole = tmp_path / "whole"
+    run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "-o", str(whole))
+    again = tmp_path / "again"
+    run_cli("--model", tiny_llama, "--data", corpus_jsonl, "--window", "32", "--limit", "4", "-o", str(again))
+    requeued = tmp_path / "s1-requeued"  # an array task run twice into two folders, both caught by a glob
+    shutil.copytree(three_shards[1], requeued)
+    for dirs, says in (
+        ([whole, whole], f"{whole} and {whole} hold the same folder"),
+        ([whole, again], f"{whole} and {again} hold the same documents"),  # the same input (--limit aside)
+        ([*three_shards, requeued], f"shard 1/3 is given twice: {three_shards[1]} and {requeued}"),
+    ):
+        result = merge(*map(str, dirs), "-o", str(tmp_path / "m"))
+        assert result.exit_code == 3 and says in result.stderr and "Traceback" not in result.output, result.output
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "something else entirely"}\n')
+    third = tmp_path / "third"
+    run_cli("--model", tiny_llama, "--data", str(other), "--window", "32", "-o", str(third))
+    merged = merge(str(whole), str(third), "-o", str(tmp_path / "ok"))
+    assert merged.exit_code == 0, merged.output
+    twice = merge(str(tmp_path / "ok"), str(third), "-o", str(tmp_path / "m2"))  # a merged run and one of its own parts
+    assert twice.exit_code == 3 and "the same documents (data fingerprint" in twice.stderr
 
 
 def test_merge_allow_partial_reports_coverage(three_shards, tmp_path):

@@ -145,9 +145,15 @@ def test_globs_directories_and_several_sources_keep_their_order(tmp_path, texts)
     assert [d.text for d in load(str(tmp_path / "shards" / "a-*"))] == everything[:7]
     docs = load((str(tmp_path / "shards" / "b"), str(tmp_path / "shards" / "a-*")))  # --data given twice
     assert [d.text for d in docs] == everything[7:] + everything[:7]
-    # Ids find the record again: the file (relative to what --data named) and its line.
-    assert [d.id for d in load(str(tmp_path / "shards"))][:5] == ["a-0.jsonl.gz:1", "a-0.jsonl.gz:2", "a-0.jsonl.gz:3", "a-0.jsonl.gz:4", "a-1.jsonl:1"]
-    assert load(str(tmp_path / "shards" / "b"))[0].id == "c.jsonl.zst:1"
+    assert [d.id for d in load(str(tmp_path / "shards"))] == [r["id"] for r in rows]  # the records' own id field
+    # Without one, ids find the record again: the file (relative to what --data named) and its line.
+    unnamed = [{"text": r["text"]} for r in rows]
+    (tmp_path / "plain" / "b").mkdir(parents=True)
+    write(tmp_path / "plain" / "a-0.jsonl.gz", jsonl_bytes(unnamed[:4]))
+    write(tmp_path / "plain" / "a-1.jsonl", jsonl_bytes(unnamed[4:7]))
+    write(tmp_path / "plain" / "b" / "c.jsonl.zst", jsonl_bytes(unnamed[7:]))
+    assert [d.id for d in load(str(tmp_path / "plain"))][:5] == ["a-0.jsonl.gz:1", "a-0.jsonl.gz:2", "a-0.jsonl.gz:3", "a-0.jsonl.gz:4", "a-1.jsonl:1"]
+    assert load(str(tmp_path / "plain" / "b"))[0].id == "c.jsonl.zst:1"
 
 
 def test_cli_takes_data_several_times_and_a_quoted_glob(tiny_gpt2, tmp_path, texts):
@@ -330,11 +336,11 @@ def test_paragraphs_stream_equals_splitting_the_whole_text(parts, trailing_newli
 def test_fast_tokenizer_path_equals_transformers(tiny_gpt2, tiny_llama, texts):
     from transformers import AutoTokenizer
 
-    from ppl_cli.engine.tokenizing import batch_encoder
+    from ppl_cli.engine.tokenizing import Encoder
 
     for model in (tiny_gpt2, tiny_llama):
         tokenizer = AutoTokenizer.from_pretrained(model)
-        assert batch_encoder(tokenizer)(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+        assert Encoder(tokenizer)(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def test_a_resumed_run_does_not_tokenize_what_is_done(tiny_llama, tmp_path, texts, monkeypatch):
@@ -357,14 +363,17 @@ def test_a_resumed_run_does_not_tokenize_what_is_done(tiny_llama, tmp_path, text
     assert sum(1 for t in seen if t in done_texts and t not in {(texts * 4)[r["index"]] for r in full[30:]}) == 0
 
 
-def test_a_resume_refuses_changed_data(tiny_gpt2, tmp_path, texts):
+def test_a_resume_takes_appended_records_and_refuses_changed_options(tiny_gpt2, tmp_path, texts):
     path = write(tmp_path / "c.jsonl", jsonl_bytes(rows_of(texts)))
     out = tmp_path / "out"
     args = ["run", "-q", "--model", tiny_gpt2, "--data", str(path), "--window", "32", "-o", str(out)]
     assert CliRunner().invoke(cli, args).exit_code == 0
-    write(path, jsonl_bytes(rows_of(texts + ["one more"])))
-    again = CliRunner().invoke(cli, args)
-    assert again.exit_code == 5 and "different data_files ('1 files, " in again.stderr
+    write(path, jsonl_bytes(rows_of(texts + ["one more"])))  # a growing file: the finished documents are checked, the new one scored
+    again = CliRunner().invoke(cli, [*args, "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["documents"] == len(texts) and json.loads((out / "documents.jsonl").read_text().splitlines()[-1])["id"] == f"doc{len(texts)}"
+    other = CliRunner().invoke(cli, [*args[:-4], "--window", "16", "-o", str(out)])
+    assert other.exit_code == 5 and "different window (32, now 16)" in other.stderr
 
 
 def test_python_api_reads_rows_back_instead_of_holding_them(tiny_gpt2, corpus_jsonl, tmp_path):
@@ -380,7 +389,7 @@ def test_progress_bar_shows_documents_tokens_and_rate(tiny_gpt2, corpus_jsonl):
     result = CliRunner().invoke(cli, ["run", "--json", "--model", tiny_gpt2, "--data", corpus_jsonl, "--window", "32"])
     assert result.exit_code == 0
     bar = [line for line in re.split(r"[\r\n]", result.stderr) if line.startswith("scoring:")][-1]
-    assert re.search(r"100%\|.*\| [\d.]+kB/[\d.]+kB, 9 docs, [\d.]+k? tok, [\d.]+k? tok/s \[", bar), bar
+    assert re.search(r"100%\|.*\| ([\d.]+k?)/\1 tokens, 9/9 documents, [\d.]+k? tok/s", bar), bar
 
 
 MEMORY_SCRIPT = """

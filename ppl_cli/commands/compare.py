@@ -25,10 +25,17 @@ from ..output.run_directory import DOCUMENTS_FILE, SERIES_FILE, SUMMARY_FILE, re
 from ..output.signals import SIGNALS
 
 METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
-UNITS = ("tokens", "words", "bytes")  # the denominators, in the column order of the sums below
-METRIC_UNIT = {"token_perplexity": 0, "bits_per_byte": 2, "word_perplexity": 1, "byte_perplexity": 2}
+WORD_METRIC = "word_perplexity_corrected"  # compared where every run saved words (--save-words)
+SUMS = ("nll_sum", "tokens", "words", "bytes", "word_surprisal_sum", "scored_words")  # a row's sums, the columns of PairedSums
+METRIC_SUMS = {  # each metric's numerator and denominator among SUMS
+    "token_perplexity": (0, 1),
+    "bits_per_byte": (0, 3),
+    "word_perplexity": (0, 2),
+    "byte_perplexity": (0, 3),
+    WORD_METRIC: (4, 5),
+}
 SAME_RUN_KEYS = ("convention", "window", "step", "add_bos", "detokenize")
-GROUP_METRICS = ("token_perplexity", "bits_per_byte")  # compared per group (memory: 4 sums x runs x resamples a group)
+GROUP_METRICS = ("token_perplexity", "bits_per_byte")  # compared per group (memory: 6 sums x runs x resamples a group)
 ALPHA = 0.05  # "significant" after Holm's adjustment
 MIN_GROUP_DOCUMENTS = 5  # a smaller group gets no p-value: its resamples barely vary
 
@@ -77,12 +84,53 @@ def compare_runs(config: CompareConfig) -> dict:
         raise PplError("compare needs at least two result directories (the baseline, then the others), or a series directory")
     runs = [read_run(Path(p)) for p in config.runs]
     matched = check_comparable(runs, config)
-    totals = PairedTotals(len(runs), config.bootstrap_samples, config.seed, config.top, grouped="groups" in runs[0].summary)
+    lengths = LengthView.of(runs)
+    totals = PairedTotals(len(runs), config.bootstrap_samples, config.seed, config.top, "groups" in runs[0].summary, lengths)
     for rows in joined_rows(runs, matched):
         totals.add(rows)
     if totals.documents == 0:
-        raise PplError("the runs have no scored document in common", EXIT_DATA)
+        where = f" at length {lengths.lengths[-1]:,}" if lengths else ""
+        raise PplError(f"the runs have no scored document in common{where}", EXIT_DATA)
     return totals.report(runs, matched)
+
+
+class LengthView:
+    """Runs made with --lengths, compared at the lengths they share: each document's numbers there,
+    and (for the corpus metrics) at the largest of them, over the documents every run has there."""
+
+    def __init__(self, lengths: list[int], positions: list[list[int]]):
+        self.lengths = lengths  # the lengths every run has, ascending
+        self.positions = positions  # for each run, where each of them is in its own lengths
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> LengthView | None:
+        given = [run.summary["windowing"].get("lengths") for run in runs]
+        if not any(given):
+            return None
+        common = sorted(set.intersection(*(set(g or ()) for g in given)))
+        if not common:
+            raise PplError(f"{runs[0].name} and the other runs share no context length (--lengths); nothing to compare", EXIT_DATA)
+        return cls(common, [[g.index(length) for length in common] for g in given])
+
+    def values(self, rows: list[dict]) -> np.ndarray:
+        """[K, R, 4]: each shared length's NLL, tokens, bytes and token perplexity in every run (NaN where a run's document is shorter)."""
+        out = np.full((len(self.lengths), len(rows), 4), np.nan)
+        for r, (row, positions) in enumerate(zip(rows, self.positions)):
+            at = row["lengths"]
+            for k, i in enumerate(positions):
+                if at["nll"][i] is not None:
+                    out[k, r] = (at["nll"][i], at["tokens"][i], at["bytes"][i], math.exp(min(at["nll"][i] / at["tokens"][i], 709.0)))
+        return out
+
+    def corpus_rows(self, rows: list[dict]) -> list[dict] | None:
+        """The rows as the corpus metrics compare them: at the largest shared length (None: a run's document is shorter)."""
+        out = []
+        for row, positions in zip(rows, self.positions):
+            at, i = row["lengths"], positions[-1]
+            if at["nll"][i] is None:
+                return None
+            out.append({**row, "nll_sum": at["nll"][i], "tokens": at["tokens"][i], "words": at["words"][i], "bytes": at["bytes"][i]})
+        return out
 
 
 def compare_series(config: CompareConfig) -> dict:
@@ -128,11 +176,16 @@ def read_run(path: Path) -> Run:
 
 def check_comparable(runs: list[Run], config: CompareConfig) -> bool:
     """Refuse runs that scored different documents, or scored them differently, naming the
-    difference. Returns whether documents are matched by index and id (different data allowed)."""
+    difference. Returns whether documents are matched by index and id (different data allowed).
+    Runs with --lengths may differ in their lengths (they are compared at the ones they share),
+    not in how a length is scored."""
     base = runs[0]
     different = False
     for run in runs[1:]:
-        for key in (*SAME_RUN_KEYS, "conditional") if not config.allow_different_windowing else ():
+        keys = (*SAME_RUN_KEYS, "conditional", "protocol")
+        if base.summary["windowing"].get("lengths") and run.summary["windowing"].get("lengths"):
+            keys = tuple(k for k in keys if k not in ("window", "step")) + (("stride",) if base.summary["windowing"]["protocol"] == "sliding" else ())
+        for key in keys if not config.allow_different_windowing else ():
             a, b = windowing_value(base, key), windowing_value(run, key)
             if a != b:
                 raise PplError(
@@ -179,26 +232,26 @@ def joined_rows(runs: list[Run], by_id: bool) -> Iterator[list[dict]]:
 
 
 class PairedSums:
-    """Each run's sums over a set of documents (nll, tokens, words, bytes) and over each resample."""
+    """Each run's sums over a set of documents (SUMS) and over each resample."""
 
     def __init__(self, runs: int, samples: int):
-        self.sums = np.zeros((runs, 4))
-        self.resampled = np.zeros((samples, runs, 4))
+        self.sums = np.zeros((runs, len(SUMS)))
+        self.resampled = np.zeros((samples, runs, len(SUMS)))
         self.documents = 0
 
     def add(self, values: np.ndarray, weights: np.ndarray) -> None:
-        """`values` [m, R, 4]: m documents' sums in every run; `weights` [B, m]: their resampling weights."""
+        """`values` [m, R, 6]: m documents' sums in every run; `weights` [B, m]: their resampling weights."""
         self.sums += values.sum(axis=0)
         self.resampled += np.einsum("bm,mrk->brk", weights, values)
         self.documents += len(values)
 
     def paired(self, metric: str, r: int) -> dict:
         """Both values, their difference, its 95% paired bootstrap interval and a two-sided p-value."""
-        unit = 1 + METRIC_UNIT[metric]
-        a = float(metric_value(metric, self.sums[0, 0], self.sums[0, unit]))
-        b = float(metric_value(metric, self.sums[r, 0], self.sums[r, unit]))
-        resampled_a = metric_value(metric, self.resampled[:, 0, 0], self.resampled[:, 0, unit])
-        resampled_b = metric_value(metric, self.resampled[:, r, 0], self.resampled[:, r, unit])
+        nll, unit = METRIC_SUMS[metric]
+        a = float(metric_value(metric, self.sums[0, nll], self.sums[0, unit]))
+        b = float(metric_value(metric, self.sums[r, nll], self.sums[r, unit]))
+        resampled_a = metric_value(metric, self.resampled[:, 0, nll], self.resampled[:, 0, unit])
+        resampled_b = metric_value(metric, self.resampled[:, r, nll], self.resampled[:, r, unit])
         return paired_difference(a, b, resampled_b - resampled_a)
 
 
@@ -250,12 +303,52 @@ class PairedMeans:
         return out
 
 
+class PairedLengths:
+    """Runs with --lengths: at each shared length, every run's sums over the documents all of them
+    have there (NLL, tokens, bytes, the documents' perplexities), and the same in each resample."""
+
+    def __init__(self, lengths: int, runs: int, samples: int):
+        self.sums = np.zeros((lengths, runs, 4))
+        self.counts = np.zeros(lengths)
+        self.resampled = np.zeros((samples, lengths, runs, 4))
+        self.resampled_counts = np.zeros((samples, lengths))
+
+    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
+        """`values` [m, K, R, 4] (NaN where a run's document is shorter); `weights` [B, m]."""
+        present = ~np.isnan(values).any(axis=(2, 3))  # [m, K]: in every run
+        filled = np.where(present[:, :, None, None], values, 0.0)
+        self.sums += filled.sum(axis=0)
+        self.counts += present.sum(axis=0)
+        self.resampled += np.einsum("bm,mkrc->bkrc", weights, filled)
+        self.resampled_counts += weights @ present
+
+    def paired(self, k: int, r: int) -> dict:
+        """At length k, run r against the baseline: documents, and for token perplexity, the mean of
+        the documents' perplexities and bits per byte both values, the difference, its interval and p-value."""
+        (nll, tokens, n_bytes, ppl), (base_nll, base_tokens, base_bytes, base_ppl) = self.sums[k, r], self.sums[k, 0]
+        b = self.resampled[:, k, r, :].T  # [4, B]
+        a = self.resampled[:, k, 0, :].T
+        drawn = self.resampled_counts[:, k]
+        out: dict = {"documents": int(self.counts[k])}
+        if not self.counts[k]:
+            return out
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out["token_perplexity"] = paired_difference(math.exp(base_nll / base_tokens), math.exp(nll / tokens), np.exp(b[0] / b[1]) - np.exp(a[0] / a[1]))
+            out["mean_document_perplexity"] = paired_difference(base_ppl / self.counts[k], ppl / self.counts[k], (b[3] - a[3]) / drawn)
+            out["bits_per_byte"] = paired_difference(base_nll / (base_bytes * LN2), nll / (n_bytes * LN2), (b[0] / b[2] - a[0] / a[2]) / LN2)
+        return out
+
+
 class PairedTotals:
     """Sums per run, the same Poisson resamples for every run, and the most changed documents; with
-    groups (the baseline rows' `group`), the same per group, with the same weights."""
+    groups (the baseline rows' `group`), the same per group, with the same weights; with --lengths,
+    the corpus metrics at the largest shared length and every shared length's paired numbers."""
 
-    def __init__(self, runs: int, samples: int, seed: int, top: int, grouped: bool = False):
+    def __init__(self, runs: int, samples: int, seed: int, top: int, grouped: bool = False, lengths: LengthView | None = None):
         self.runs, self.samples, self.top = runs, samples, top
+        self.length_view = lengths
+        self.lengths = PairedLengths(len(lengths.lengths), runs, samples) if lengths else None
+        self.pending_lengths: list[np.ndarray] = []
         self.rng = np.random.default_rng(seed)
         self.seed = seed
         self.chunk = max(1, BOOTSTRAP_ELEMENTS // samples)
@@ -272,7 +365,14 @@ class PairedTotals:
         self.worsened: list[list] = [[] for _ in range(runs)]
 
     def add(self, rows: list[dict]) -> None:
-        values = np.array([[r["nll_sum"], r["tokens"], r["words"], r["bytes"]] for r in rows], dtype=np.float64)  # [R, 4]
+        if self.length_view is not None:
+            self.pending_lengths.append(self.length_view.values(rows))
+            rows = self.length_view.corpus_rows(rows)
+            if rows is None:  # shorter than the largest shared length in some run: compared at the lengths it has
+                if len(self.pending_lengths) == self.chunk:
+                    self.flush()
+                return
+        values = np.array([[r.get(k, 0.0) for k in SUMS] for r in rows], dtype=np.float64)  # [R, 6]; no words saved: 0
         self.pending.append(values)
         self.pending_signals.append(np.array([[np.nan if r.get(s) is None else r[s] for s in SIGNALS] for r in rows], dtype=np.float64))  # [R, S]
         if self.groups is not None:
@@ -288,14 +388,24 @@ class PairedTotals:
             self.worse[r] += change > 0
             keep(self.improved[r], (-change, -row["index"], row["index"], row["id"]), self.top)
             keep(self.worsened[r], (change, -row["index"], row["index"], row["id"]), self.top)
-        if len(self.pending) == self.chunk:
+        if max(len(self.pending), len(self.pending_lengths)) == self.chunk:
             self.flush()
 
     def flush(self) -> None:
+        """Draw the pending documents' weights and add them up (with --lengths, every joined document
+        is drawn; the corpus sums take those that reach the largest shared length)."""
+        drawn = len(self.pending_lengths) if self.lengths is not None else len(self.pending)
+        if not drawn:
+            return
+        weights = poisson_weights(self.rng, (self.samples, drawn))  # [B, m]
+        if self.lengths is not None:
+            self.lengths.add(np.stack(self.pending_lengths), weights)
+            at_top = [k for k, v in enumerate(self.pending_lengths) if not np.isnan(v[-1]).any()]
+            weights = weights[:, at_top]
+            self.pending_lengths = []
         if not self.pending:
             return
-        values = np.stack(self.pending)  # [m, R, 4]
-        weights = poisson_weights(self.rng, (self.samples, len(values)))  # [B, m]
+        values = np.stack(self.pending)  # [m, R, 6]
         self.corpus.add(values, weights)
         self.signals.add(np.stack(self.pending_signals), weights)
         if self.groups is not None:
@@ -309,10 +419,11 @@ class PairedTotals:
 
     def report(self, runs: list[Run], matched_by_id: bool) -> dict:
         self.flush()
+        metrics = METRICS + ((WORD_METRIC,) if all(WORD_METRIC in run.summary for run in runs) else ())
         out = []
         for r in range(1, self.runs):
             entry = {"baseline": runs[0].name, "run": runs[r].name}
-            for metric in METRICS:
+            for metric in metrics:
                 entry[metric] = self.corpus.paired(metric, r)
             scored = int(self.better[r] + self.worse[r])
             entry["documents"] = {
@@ -327,6 +438,9 @@ class PairedTotals:
             signals = self.signals.paired(r)
             if signals:
                 entry["signals"] = signals
+            if self.lengths is not None:
+                entry["length_curve"] = [{"length": length, **self.lengths.paired(k, r)} for k, length in enumerate(self.length_view.lengths)]
+                entry["documents"]["at_length"] = self.length_view.lengths[-1]
             entry["most_improved"] = listed(self.improved[r], improved=True)
             entry["most_worsened"] = listed(self.worsened[r], improved=False)
             if self.groups is not None:
@@ -408,9 +522,11 @@ def format_comparison(report: dict) -> str:
     for entry in report["runs"]:
         docs = entry["documents"]
         lines.append(f"\n{entry['run']} against the baseline, {docs['compared']:,} documents:")
-        for metric in METRICS:
+        metrics = shown_metrics(entry)
+        width = max(17, *(len(metric) for metric in metrics))
+        for metric in metrics:
             m = entry[metric]
-            lines.append(f"  {metric.replace('_', ' '):17} {number(m['a'])} -> {number(m['b'])}  {signed(m['delta'])}" + interval(m))
+            lines.append(f"  {metric.replace('_', ' '):{width}} {number(m['a'])} -> {number(m['b'])}  {signed(m['delta'])}" + interval(m))
         lines.append(f"  better on {docs['better']:,} documents ({docs['better_share']:.0%}), worse on {docs['worse']:,}")
         left_out = max(docs["baseline_documents"], docs["run_documents"]) - docs["compared"]
         if left_out:
@@ -419,7 +535,13 @@ def format_comparison(report: dict) -> str:
                 f" (baseline) and {docs['run_documents']:,} (this run)"
             )
         for name, m in entry.get("signals", {}).items():
-            lines.append(f"  {name:17} {m['a']:.4g} -> {m['b']:.4g}  {m['delta']:+.4g}" + interval(m, "+.4g") + "  (mean over documents)")
+            lines.append(f"  {name:{width}} {m['a']:.4g} -> {m['b']:.4g}  {m['delta']:+.4g}" + interval(m, "+.4g") + "  (mean over documents)")
+        if "length_curve" in entry:
+            lines.append(f"  the metrics above are at length {docs['at_length']:,}; token perplexity at each shared length (paired):")
+            for point in entry["length_curve"]:
+                m = point.get("token_perplexity")
+                shown = f"{number(m['a'])} -> {number(m['b'])}  {signed(m['delta'])}" + interval(m) if m else "no document reaches it in every run"
+                lines.append(f"    {point['length']:>8,}  {point['documents']:>6,} documents  {shown}")
         for label, key in (("most improved", "most_improved"), ("most worsened", "most_worsened")):
             if entry[key]:
                 shown = ", ".join(f"{d['id'] or d['index']} ({d['change_nats_per_token']:+.3f})" for d in entry[key])
@@ -484,7 +606,7 @@ def format_markdown(report: dict) -> str:
         return series_markdown(report)
     lines = ["| run | metric | baseline | run | difference | 95% CI | p |", "|---|---|---|---|---|---|---|"]
     for entry in report["runs"]:
-        for metric in METRICS:
+        for metric in shown_metrics(entry):
             m = entry[metric]
             ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
             p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
@@ -493,6 +615,13 @@ def format_markdown(report: dict) -> str:
             ci = f"[{m['ci'][0]:+.4g}, {m['ci'][1]:+.4g}]" if m["ci"] else "n/a"
             p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
             lines.append(f"| {entry['run']} | {name} (mean) | {m['a']:.4g} | {m['b']:.4g} | {m['delta']:+.4g} | {ci} | {p} |")
+        for point in entry.get("length_curve", []):
+            for metric in ("token_perplexity", "mean_document_perplexity", "bits_per_byte"):
+                m = point.get(metric)
+                if m:
+                    ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
+                    p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+                    lines.append(f"| {entry['run']} | {metric} at {point['length']:,} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} |")
     if any("groups" in entry for entry in report["runs"]):
         lines += ["", "| run | group | documents | metric | baseline | run | difference | 95% CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for entry in report["runs"]:
@@ -506,6 +635,10 @@ def format_markdown(report: dict) -> str:
                         f"| {entry['run']} | {g['group']} | {g['documents']:,} | {metric} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} | {holm_p} |"
                     )
     return "\n".join(lines)
+
+
+def shown_metrics(entry: dict) -> tuple[str, ...]:
+    return METRICS + ((WORD_METRIC,) if WORD_METRIC in entry else ())
 
 
 def interval(m: dict, spec: str | None = None) -> str:

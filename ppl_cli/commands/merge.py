@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..config import Config, parse_shard
 from ..data.documents import add_fingerprints
+from ..data.records import BadRecords
 from ..engine.conventions import Windowing
 from ..errors import EXIT_DATA, PplError
 from ..output.run_directory import (
@@ -35,8 +36,9 @@ from ..output.run_directory import (
     merged_rows,
     read_rows,
 )
-from ..output.summary import build_summary
-from ..output.token_export import copy_parts
+from ..output.summary import Unscored, build_summary
+from ..output.token_export import TOKENS_DIR, copy_parts
+from ..output.word_export import WORDS_DIR
 
 DATA_KEYS = ("data", "data_files", "shard")  # what may differ between runs over different data
 PARTS_PREFIX = "parts-sha256:"  # the fingerprint of runs put one after the other
@@ -44,6 +46,7 @@ PARTS_PREFIX = "parts-sha256:"  # the fingerprint of runs put one after the othe
 
 def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwrite: bool = False) -> Result:
     runs = [read_result(Path(d)) for d in dirs]
+    refuse_twice(runs)
     sharded = [run for run in runs if run["shard"]]
     if sharded and len(sharded) < len(runs):
         whole = next(run for run in runs if not run["shard"])
@@ -51,6 +54,27 @@ def merge_runs(dirs: list[str], output: str, allow_partial: bool = False, overwr
     if sharded:
         return merge_shards(runs, output, allow_partial, overwrite)
     return concatenate(runs, output, overwrite)
+
+
+def refuse_twice(runs: list[dict]) -> None:
+    """No document may be merged twice: not a folder given twice, nor (whole runs) two runs over the
+    same input (the same data fingerprint, of the run or of a run merged into it, or the same files
+    read the same way, --limit aside), nor (shards) the same shard twice."""
+    seen: dict[tuple, Path] = {}
+    for run in runs:
+        keys = [("folder", str(run["dir"].resolve()))]
+        if not run["shard"]:
+            data = run["summary"]["data"]
+            keys += [("fingerprint", part["fingerprint"]) for part in data.get("parts", [data])]
+            identity = run["identity"]
+            options = {k: v for k, v in identity["data_options"].items() if k != "limit"}
+            keys.append(("input", json.dumps([identity["data"], identity["data_files"], options], sort_keys=True)))
+        for key in keys:
+            if key in seen:
+                why = {"folder": "the same folder", "fingerprint": f"the same documents (data fingerprint {key[1][:27]}...)",
+                       "input": f"the same documents (the same input, {', '.join(run['identity']['data'])})"}[key[0]]  # fmt: skip
+                raise PplError(f"{seen[key]} and {run['dir']} hold {why}: merging them would count every document twice", EXIT_DATA)
+            seen[key] = run["dir"]
 
 
 def merge_shards(shards: list[dict], output: str, allow_partial: bool, overwrite: bool) -> Result:
@@ -143,17 +167,20 @@ def write_merged(runs, config, identity, data_info, given, output, overwrite, of
         "scored_now": sum(s["tokens"] for s in summaries),
     }
     skipped = skipped_by_group(summaries)
+    bad = [s["bad_records"] for s in summaries if "bad_records" in s]
+    unscored = Unscored(sum((s.get("length_curve") or {}).get("too_short_documents", 0) for s in summaries), BadRecords.joined(bad) if bad else None)
     reference_info = first.get("reference", {}).get("model")
 
     def summarize(rows, reference=(), contexts=()):
-        summary = build_summary(config, rows, skipped, first["model"], data_info, windowing, timings, reference_info, reference, contexts)
+        summary = build_summary(config, rows, skipped, first["model"], data_info, windowing, timings, reference_info, reference, contexts, unscored)
         if summary["documents"] == 0 and complete:
             raise PplError(f"nothing to score: the {sum(skipped.values()):,} documents of every run are all empty or whitespace only", EXIT_DATA)
-        return summary
+        return {**summary, **({"bow_correction": first["bow_correction"]} if "bow_correction" in first else {})}
 
     with RunDirectory(output, overwrite) as run_dir:
         run_dir.begin(identity)
-        copy_parts([run["dir"] for run in runs], run_dir.path, offsets)
+        for folder in (TOKENS_DIR, WORDS_DIR):
+            copy_parts([run["dir"] for run in runs], run_dir.path, offsets, folder)
         summary = run_dir.finish(summarize, given, csv_columns(config.group_by is not None, config.signals, config.reference_model is not None))
     return Result(summary, run_dir.documents)
 

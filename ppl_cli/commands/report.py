@@ -21,6 +21,7 @@ from ..errors import EXIT_OUTPUT, PplError
 from ..output.run_directory import DOCUMENTS_FILE, SERIES_FILE, read_rows, write_atomic
 from ..output.signals import HIGHER_MEANS_SEEN, SIGNALS
 from ..output.token_export import TOKENS_DIR
+from ..output.word_export import WORDS_DIR
 from .compare import CompareConfig, Run, compare_runs, joined_rows, read_run
 
 HISTOGRAM_EDGES = 10 ** (np.arange(0, 8 * 20 + 1) / 20)  # token perplexity 1 to 1e8, 20 bins a decade
@@ -70,6 +71,8 @@ def build_report(config: ReportConfig) -> dict:
         "perplexity_histogram": histogram_figure(runs, scans),
         "context_curve": context_figure(runs),
     }
+    if any("length_curve" in run.summary for run in runs):
+        plots["length_curve"] = length_figure(runs)
     for name in edges:
         plots[f"signal_{name}"] = signal_figure(runs, scans, name, edges[name])
     comparison, refusal = None, None
@@ -99,7 +102,10 @@ def build_report(config: ReportConfig) -> dict:
                 fig.savefig(Path(config.png) / f"{name}.png", dpi=150)
     except OSError as e:
         raise PplError(f"cannot write the report: {e.strerror} ({e.filename})", EXIT_OUTPUT) from None
-    return {"output": str(output), "plots": list(svgs), "documents_shown": len(shown), "coloured": sum(1 for d in shown if d["tokens"])}
+    return {
+        "output": str(output), "plots": list(svgs), "documents_shown": len(shown),
+        "coloured": sum(1 for d in shown if d["tokens"]), "words_coloured": sum(1 for d in shown if d["words"]),
+    }  # fmt: skip
 
 
 def signal_edges(runs: list[Run]) -> dict[str, np.ndarray]:
@@ -206,6 +212,24 @@ def context_figure(runs: list[Run]):
             ax.plot(x, y, marker="o", markersize=4, label=short_name(run), color=COLOURS[k % len(COLOURS)])
     ax.set_xscale("log", base=2)
     return labelled(fig, ax, runs, "tokens of context the model had (buckets 1, 2-3, 4-7, ...)", "mean NLL (nats per token)")
+
+
+def length_figure(runs: list[Run]):
+    """Token perplexity against context length (--lengths), a line a run, its 95% interval a band."""
+    fig, ax = new_figure()
+    for k, run in enumerate(runs):
+        points = [p for p in (run.summary.get("length_curve") or {}).get("points", []) if p["token_perplexity"] is not None]
+        if not points:
+            continue
+        colour = COLOURS[k % len(COLOURS)]
+        x = [p["length"] for p in points]
+        ax.plot(x, [p["token_perplexity"] for p in points], marker="o", markersize=4, label=short_name(run), color=colour)
+        bands = [(p["length"], *p["bootstrap"]["token_perplexity"]) for p in points if (p.get("bootstrap") or {}).get("token_perplexity")]
+        if bands:
+            bx, low, high = zip(*bands)
+            ax.fill_between(bx, low, high, color=colour, alpha=0.18, linewidth=0)
+    ax.set_xscale("log", base=2)
+    return labelled(fig, ax, runs, "context length (tokens, log scale)", "token perplexity (95% interval)")
 
 
 def labelled(fig, ax, runs: list[Run], xlabel: str, ylabel: str):
@@ -340,24 +364,26 @@ def short_name(run: Run) -> str:
 
 
 def shown_documents(run: Run, s: RunScan, limit: int) -> list[dict]:
-    """The most and least surprising documents, each with its first `limit` tokens when saved."""
+    """The most and least surprising documents, each with its first `limit` tokens and words when saved."""
     chosen = [("most surprising", row) for _, _, row in sorted(s.highest, reverse=True)]
     chosen += [("least surprising", row) for _, _, row in sorted(s.lowest, reverse=True)]
-    tokens = saved_tokens(run.path, {row["index"] for _, row in chosen}, limit)
-    return [{"kind": kind, "row": row, "tokens": tokens.get(row["index"]), "limit": limit} for kind, row in chosen]
+    indices = {row["index"] for _, row in chosen}
+    tokens = saved_parts(run.path, TOKENS_DIR, "position", indices, limit)
+    words = saved_parts(run.path, WORDS_DIR, "word_index", indices, limit)
+    return [{"kind": kind, "row": row, "tokens": tokens.get(row["index"]), "words": words.get(row["index"]), "limit": limit} for kind, row in chosen]
 
 
-def saved_tokens(folder: Path, indices: set[int], limit: int) -> dict[int, dict]:
-    """The saved tokens of these documents (the first `limit` of each), read from tokens/ by filter."""
-    if not indices or not (folder / TOKENS_DIR).is_dir():
+def saved_parts(folder: Path, subdir: str, order: str, indices: set[int], limit: int) -> dict[int, dict]:
+    """These documents' saved tokens or words (the first `limit` of each, in `order`), read from folder/subdir by filter."""
+    if not indices or not (folder / subdir).is_dir():
         return {}
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    table = ds.dataset(folder / TOKENS_DIR, format="parquet").to_table(filter=pc.field("index").isin(sorted(indices)))
+    table = ds.dataset(folder / subdir, format="parquet").to_table(filter=pc.field("index").isin(sorted(indices)))
     out: dict[int, dict] = {}
     for index in indices:
-        part = table.filter(pc.equal(table["index"], index)).sort_by("position")
+        part = table.filter(pc.equal(table["index"], index)).sort_by(order)
         if part.num_rows:
             columns = part.slice(0, limit).to_pydict()
             columns["total"] = part.num_rows
@@ -383,6 +409,18 @@ def token_spans(tokens: dict) -> list[dict]:
     return out
 
 
+def word_spans(words: dict) -> list[dict]:
+    """Each saved word, its surprisal step (its colour) and tip: its surprisal in bits and nats, tokens, the uncorrected sum."""
+    out = []
+    for word, surprisal, tokens, plain in zip(words["word"], words["surprisal"], words["tokens"], words["uncorrected_surprisal"]):
+        if surprisal is None:
+            out.append({"word": word, "step": 0, "tip": f"no surprisal ({tokens} tokens of its own)"})
+            continue
+        tip = f"{surprisal / math.log(2):.2f} bits ({surprisal:.2f} nats), {tokens} token{'s' * (tokens != 1)}, uncorrected {plain:.2f} nats"
+        out.append({"word": word, "step": surprisal_step(surprisal), "tip": tip})
+    return out
+
+
 def surprisal_step(nats: float) -> int:
     return min(max(int(nats), 0), SURPRISAL_STEPS - 1)
 
@@ -397,7 +435,11 @@ def render(runs, scans, svgs, comparison, refusal, shown, config, series=None) -
     env = jinja2.Environment(loader=jinja2.PackageLoader("ppl_cli.commands", "templates"), autoescape=True, keep_trailing_newline=True)
     env.filters.update(number=fmt, basename=lambda path: Path(path).name)
     documents = [
-        {**d, "spans": token_spans(d["tokens"]), "more": d["tokens"]["total"] - len(d["tokens"]["token"])} if d["tokens"] else d
+        {
+            **d,
+            **({"spans": token_spans(d["tokens"]), "more": d["tokens"]["total"] - len(d["tokens"]["token"])} if d["tokens"] else {}),
+            **({"word_spans": word_spans(d["words"]), "more_words": d["words"]["total"] - len(d["words"]["word"])} if d["words"] else {}),
+        }
         for d in shown
     ]
     return env.get_template(TEMPLATE).render(
@@ -499,6 +541,8 @@ def summary_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
         ("tokens scored", lambda s: f"{s['tokens']:,}"),
         ("scored tokens/s", lambda s: fmt(s.get("tokens_per_second"), 0)),
     ]
+    if any("word_perplexity_corrected" in r.summary for r in runs):  # --save-words
+        lines.insert(6, ("word perplexity, saved words", lambda s: fmt(s.get("word_perplexity_corrected"))))
     for name in SIGNALS:
         if any(name in (r.summary.get("signals") or {}) for r in runs):
             lines.append((f"{name} (mean, 95% interval)", lambda s, name=name: signal_mean(s, name)))

@@ -31,10 +31,11 @@ PREFIX = "ppl_eval"  # each written record gains {"ppl_eval": {"index": ..., "to
 SCORE_FIELDS = ("index", "id", "token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "nll_sum", "tokens")
 METRIC_SOURCES = {  # how to get a metric that not every run has
     "ifd": "a run with --ifd has it",
+    "word_perplexity_corrected": "a run with --save-words has it",
     **{name: "a run with --signals has it" for name in SIGNAL_METRICS},
     "reference_ratio": "a run with --signals and --reference-model has it",
 }
-OPTIONAL_SCORE_FIELDS = ("ifd", "unconditional_nll_sum", "context_tokens", "turns", *SIGNAL_METRICS)  # a conditional or --signals run's, when its rows have them
+OPTIONAL_SCORE_FIELDS = ("ifd", "unconditional_nll_sum", "context_tokens", "turns", "word_perplexity_corrected", *SIGNAL_METRICS)  # a conditional, --save-words or --signals run's, when its rows have them
 PARQUET_BATCH = 1000
 
 
@@ -298,10 +299,9 @@ def planned_outputs(config: SelectConfig) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PplError(f"cannot create {folder}: {e.strerror}", EXIT_OUTPUT) from None
-    if config.buckets is not None:
-        lock = OutputLock(folder / LOCK_NAME, str(folder))
-    else:
-        lock = OutputLock(folder / f".{target.name}.lock", str(target), remove=True)
+    # select's outputs are files for people to use: its lock file goes when it is done
+    lock_file = folder / LOCK_NAME if config.buckets is not None else folder / f".{target.name}.lock"
+    lock = OutputLock(lock_file, str(target), remove=True)
     lock.acquire()
     existing = [p for p in [*files, summary_path] if p.exists()]
     if existing and not config.overwrite:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from ..config import Config
 from ..errors import EXIT_DATA, PplError, PplWarning
 from .formats import BOM, all_records, decode, table_row
-from .records import MISSING_GROUP, Document, Record, default_id, group_of, record_document, where
+from .records import MISSING_GROUP, BadRecords, Document, Record, default_id, group_of, record_document, where
 from .sources import ByteCounter, Source, resolve_sources
 
 FINGERPRINT_PREFIX = "sha256-sum:"
@@ -33,8 +33,9 @@ class DocumentStream:
     """
 
     def __init__(
-        self, sources: list[Source], config: Config, mine: Callable[[int], bool] = lambda i: True, stdin=None, all_columns: bool = False
-    ):
+        self, sources: list[Source], config: Config, mine: Callable[[int], bool] = lambda i: True, stdin=None, all_columns: bool = False,
+        texts=None,
+    ):  # fmt: skip
         self.sources = sources
         self.config = config
         self.mine = mine
@@ -42,7 +43,8 @@ class DocumentStream:
         self.count = 0
         self.digest = 0
         self.groups: set[str] = set()  # --group-by: the groups of the documents yielded so far
-        self._records = itertools.islice(all_records(sources, config, self.counter, stdin, all_columns), config.limit)
+        self.bad = BadRecords()  # --skip-bad-records: the records passed over
+        self._records = itertools.islice(all_records(sources, config, self.counter, stdin, all_columns, texts), config.limit)
         self._first: list[Record] = []
 
     @property
@@ -53,19 +55,35 @@ class DocumentStream:
 
     def check(self) -> None:
         """Read and parse the first record now, before a model loads: an empty input or a wrong
-        --text-field fails at once."""
-        first = next(self._records, None)
-        if first is None:
-            names = ", ".join(s.spec for s in self.sources)
-            raise PplError(f"no documents in {'standard input' if names == '-' else names}", EXIT_DATA)
-        doc = to_document(first, self.config)
+        --text-field fails at once. With --skip-bad-records, the first record that can be read
+        (those before it are read again, and counted, as the stream goes)."""
+        names = ", ".join(s.spec for s in self.sources)
+        while True:
+            record = next(self._records, None)
+            if record is None:
+                if self._first:  # every record is bad: the first one's error says why
+                    raise PplError(f"no record of {names} can be read ({len(self._first):,} tried): {self.error_of(self._first[0])}", EXIT_DATA)
+                raise PplError(f"no documents in {'standard input' if names == '-' else names}", EXIT_DATA)
+            self._first.append(record)
+            try:
+                doc = to_document(record, self.config)
+                break
+            except PplError as e:
+                if not (self.config.skip_bad_records and e.exit_code == EXIT_DATA):
+                    raise
         if doc.group == MISSING_GROUP:
             warnings.warn(
                 f"{doc.where} has no --group-by field {self.config.group_by!r}: such records are reported as the group {MISSING_GROUP!r}",
                 PplWarning,
                 stacklevel=2,
             )
-        self._first = [first]
+
+    def error_of(self, record: Record) -> str:
+        try:
+            to_document(record, self.config)
+        except PplError as e:
+            return str(e)
+        return "no error"
 
     def __iter__(self) -> Iterator[tuple[int, Document]]:
         for index, _, doc in self.with_records():
@@ -78,7 +96,13 @@ class DocumentStream:
         for index, record in enumerate(records):
             self.count = index + 1
             if self.mine(index):
-                doc = to_document(record, self.config)
+                try:
+                    doc = to_document(record, self.config)
+                except PplError as e:  # a record that cannot be read: passed over (its index kept) with --skip-bad-records
+                    if not (self.config.skip_bad_records and e.exit_code == EXIT_DATA):
+                        raise
+                    self.bad.add(where(record), str(e))
+                    continue
                 self.digest = (self.digest + digest(index, doc)) % 2**256
                 if doc.group is not None and doc.group not in self.groups:
                     self.groups.add(doc.group)
@@ -128,7 +152,8 @@ def jsonl_document(record: Record, config: Config) -> Document:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise PplError(f"{where} is not JSON: {e.msg}", EXIT_DATA) from None
+        at = "" if e.msg.endswith(" at") else " at"  # json's messages: "Invalid control character at", "Expecting value"
+        raise PplError(f"{where} is not JSON: {e.msg}{at} column {e.colno}", EXIT_DATA) from None
     if not isinstance(row, dict):
         raise PplError(f"{where} is not a JSON object", EXIT_DATA)
     return record_document(row, where, default_id(record), config, record.source)
@@ -138,7 +163,7 @@ def to_document(record: Record, config: Config) -> Document:
     fmt = record.source.format
     if fmt == "jsonl":
         return jsonl_document(record, config)
-    if fmt in ("json", "csv", "parquet", "hub"):
+    if fmt in ("json", "csv", "parquet", "hub", "texts"):
         return record_document(table_row(record), where(record), default_id(record), config, record.source)
     named = where(record)
     group = group_of(None, record.source, named, config)
@@ -154,7 +179,7 @@ def whole_record(record: Record, doc: Document) -> dict:
     if fmt == "jsonl":
         line = record.payload.removeprefix(BOM) if record.position == 1 else record.payload
         return json.loads(line)
-    if fmt in ("json", "csv", "parquet", "hub"):
+    if fmt in ("json", "csv", "parquet", "hub", "texts"):
         return dict(table_row(record))
     return {"id": doc.id, "text": doc.text}
 

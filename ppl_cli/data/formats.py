@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from ..config import Config
 from ..errors import EXIT_DATA, PplError, first_line
-from .records import MISSING, Document, Record, field_value, top_level_fields
+from .records import DEFAULT_ID_FIELD, MISSING, Document, Record, field_value, top_level_fields
 from .sources import WIKITEXT_HUB, ByteCounter, Source, open_binary, open_seekable
 
 # Standard-library modules whose docstrings are long English prose, in a fixed order. They are
@@ -42,10 +42,15 @@ BOM = b"\xef\xbb\xbf"
 PARQUET_BATCH = 1024  # rows per Arrow batch
 
 
-def all_records(sources: list[Source], config: Config, counter: ByteCounter, stdin, all_columns: bool = False) -> Iterator[Record]:
+def all_records(sources: list[Source], config: Config, counter: ByteCounter, stdin, all_columns: bool = False, texts=None) -> Iterator[Record]:
+    """`stdin`: the stream --data - reads; `texts`: the records of texts given from Python (each a dict)."""
     for source in sources:
         if source.kind == "builtin":
             yield from (Record(source, None, doc) for doc in python_docstrings())
+        elif source.kind == "texts":
+            if texts is None:
+                raise PplError(f"--data {source.spec}: texts are given from Python (ppl_cli.score), not by name", EXIT_DATA)
+            yield from (Record(source, i, row) for i, row in enumerate(texts))
         elif source.kind == "hub":
             yield from hub_records(source, config)
         elif source.format == "parquet":
@@ -64,7 +69,7 @@ def stream_records(source: Source, stream: BinaryIO, config: Config) -> Iterator
             head.append((number, line))
             if line.strip():
                 break
-        records = head and is_record_line(head[-1][1], config.messages_field or config.text_field)
+        records = head and is_record_line(head[-1][1], config.messages_field or config.words_field or config.text_field)
         source = replace(source, format="jsonl" if records else "text")
         lines = itertools.chain(head, read_lines(stream, source, start=len(head) + 1))
         if records:
@@ -208,13 +213,14 @@ def parquet_records(source: Source, config: Config, counter: ByteCounter, all_co
         raise
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise PplError(f"cannot read parquet file {source.name}: {first_line(e)}", EXIT_DATA) from None
-    main = (config.messages_field or config.text_field).split(".")[0]
-    for field in top_level_fields(config):
+    main = (config.messages_field or config.words_field or config.text_field).split(".")[0]
+    wanted = [f for f in top_level_fields(config) if f != DEFAULT_ID_FIELD or config.id_field or f in names]  # the default id where there is one
+    for field in wanted:
         if field not in names:
             kind = "id field" if field == config.id_field else "field"
             hint = ("; use --messages-field" if config.messages_field else "; use --text-field") if field == main else ""
             raise PplError(f"{source.name} has no {kind} {field!r} (fields: {', '.join(names)}){hint}", EXIT_DATA)
-    columns = None if all_columns else top_level_fields(config)
+    columns = None if all_columns else wanted
     rows = file.metadata.num_rows
     row = 0
     try:
@@ -233,6 +239,7 @@ def parquet_records(source: Source, config: Config, counter: ByteCounter, all_co
 
 
 def table_row(record: Record) -> dict:
+    """A record's fields: a Parquet row made Python values; the others are dicts already."""
     if record.source.format == "parquet":
         batch, i = record.payload
         return {name: column[i].as_py() for name, column in zip(batch.schema.names, batch.columns)}

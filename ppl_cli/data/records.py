@@ -19,6 +19,7 @@ from .sources import Source
 
 LINE_FORMATS = ("jsonl", "csv", "text", "wikitext")  # records are found by line; the others by row or record number
 MISSING_GROUP = "(missing)"  # --group-by: the group of a record without the field
+DEFAULT_ID_FIELD = "id"  # without --id-field: a record's field of this name is its id, where it has one
 SOURCE_KEYS = ("file", "dir")  # --group-by keys that name the record's source file or its folder, not a field
 TEMPLATE_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}  # --context-template '{q}\n' as a shell passes it
 
@@ -34,6 +35,7 @@ class Document:
     messages: tuple[dict, ...] | None = None
     group: str | None = None  # --group-by: the domain it is reported in
     where: str = field(default="", compare=False)  # how errors name its record: "chats.jsonl line 12"
+    words: tuple[str, ...] | None = None  # --words-field: the corpus's own words, `text` being them joined by spaces
 
     @property
     def empty(self) -> bool:
@@ -41,6 +43,33 @@ class Document:
         if self.messages is not None:
             return not any(m["content"].strip() for m in self.messages)
         return not self.text.strip()
+
+
+@dataclass
+class BadRecords:
+    """--skip-bad-records: the records that could not be read as documents, counted; the first
+    FIRST named, with their error (as summary.json's bad_records holds them)."""
+
+    FIRST = 10
+    count: int = 0
+    first: list = field(default_factory=list)
+
+    def add(self, where: str, error: str) -> None:
+        self.count += 1
+        if len(self.first) < self.FIRST:
+            self.first.append({"record": where, "error": error})
+
+    def describe(self) -> dict:
+        return {"count": self.count, "first": list(self.first)}
+
+    @classmethod
+    def joined(cls, parts: list[dict]) -> dict:
+        """The bad records of several processes or runs, as one description."""
+        out = cls()
+        for part in parts:
+            out.count += part["count"]
+            out.first += part["first"][: cls.FIRST - len(out.first)]
+        return out.describe()
 
 
 class Record(NamedTuple):
@@ -52,23 +81,28 @@ class Record(NamedTuple):
 
 
 def where(record: Record) -> str:
-    """How an error names a record: `corpus.jsonl.gz line 12`, `d.parquet row 5`."""
+    """How an error names a record: `corpus.jsonl.gz line 12`, `d.parquet row 5`, `text 3`."""
     source, position = record.source, record.position
     if position is None:
         return source.name
     if source.format in LINE_FORMATS:
         return f"{source.name} line {position}"
+    if source.format == "texts":
+        return f"text {position}"
     return f"{source.name} {'record' if source.format == 'json' else 'row'} {position}"
 
 
 def default_id(record: Record) -> str:
     """An id that finds the record again: `file:N` is line N (1-based) of a line format,
-    `file[N]` record N (0-based) of a Parquet file, JSON array or hub split."""
+    `file[N]` record N (0-based) of a Parquet file, JSON array or hub split, `N` text N (0-based)
+    of a list given from Python."""
     source, position = record.source, record.position
     if position is None:
         return source.name
     if source.format in LINE_FORMATS:
         return f"{source.name}:{position}"
+    if source.format == "texts":
+        return str(position)
     return f"{source.name}[{position}]"
 
 
@@ -90,7 +124,7 @@ def field_value(row: dict, path: str) -> Any:
 def top_level_fields(config: Config) -> list[str]:
     """The columns a record needs for its document (what a Parquet reader reads)."""
     group_field = config.group_by if config.group_by not in (None, *SOURCE_KEYS) else None
-    paths = [config.messages_field or config.text_field, config.id_field, config.context_field, group_field]
+    paths = [config.messages_field or config.words_field or config.text_field, config.id_field or DEFAULT_ID_FIELD, config.context_field, group_field]
     if config.context_template:
         paths += template_fields(config.context_template)
     return list(dict.fromkeys(p.split(".")[0] for p in paths if p))
@@ -129,8 +163,12 @@ def group_of(row: dict | None, source: Source, where: str, config: Config) -> st
 
 def record_document(row: dict, where: str, default: str, config: Config, source: Source) -> Document:
     """Take the text (or messages), context, id and group fields of a record, with errors that name the record."""
+    words = None
     if config.messages_field:
         text, context, messages = "", None, conversation(row, where, config.messages_field)
+    elif config.words_field:
+        words, context, messages = word_list(row, where, config.words_field), None, None
+        text = " ".join(words)
     else:
         text, messages = text_field(row, config.text_field, where, "; use --text-field"), None
         context = None
@@ -144,7 +182,23 @@ def record_document(row: dict, where: str, default: str, config: Config, source:
         if value is MISSING:
             raise PplError(f"{where} has no id field {config.id_field!r} (fields: {fields_of(row)})", EXIT_DATA)
         doc_id = str(value)
-    return Document(doc_id, text, context, messages, group_of(row, source, where, config), where)
+    elif isinstance(row.get(DEFAULT_ID_FIELD), (str, int)) and not isinstance(row[DEFAULT_ID_FIELD], bool):
+        doc_id = str(row[DEFAULT_ID_FIELD])  # a field named id, where a record has one (a string or an integer)
+    return Document(doc_id, text, context, messages, group_of(row, source, where, config), where, words)
+
+
+def word_list(row: dict, where: str, name: str) -> tuple[str, ...]:
+    """--words-field: a list of words, each a string with something besides whitespace."""
+    words = field_value(row, name)
+    if words is MISSING:
+        raise PplError(f"{where} has no field {name!r} (fields: {fields_of(row)}); use --words-field", EXIT_DATA)
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise PplError(f"{where}: field {name!r} is {type(words).__name__}, not a list of words (strings)", EXIT_DATA)
+    for k, word in enumerate(words):
+        if not word.strip():
+            raise PplError(f"{where}: word {k} of {name!r} is {'empty' if not word else 'whitespace only'}", EXIT_DATA)
+        check_unicode(word, where, f"word {k}")
+    return tuple(words)
 
 
 def text_field(row: dict, name: str, where: str, hint: str = "") -> str:

@@ -31,7 +31,8 @@ FORMATS = {
     ".tokens": "wikitext",
     ".raw": "wikitext",
 }
-RECORD_FORMATS = {"jsonl", "json", "csv", "parquet", "hub"}  # one document per record: --doc-split does not apply
+RECORD_FORMATS = {"jsonl", "json", "csv", "parquet", "hub", "texts"}  # one document per record: --doc-split does not apply
+TEXTS_PREFIX = "python:"  # the data spec of texts given from Python (ppl_cli.score): "python:N texts, sha256 ..."
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 # Magic numbers of the compressions, for standard input (files go by their suffix).
@@ -40,7 +41,7 @@ MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00",
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "file", "stdin", "builtin" or "hub"
+    kind: str  # "file", "stdin", "builtin", "hub" or "texts" (a list from Python)
     spec: str  # the --data value it came from
     name: str  # how document ids name it: a file's path relative to what --data named
     format: str  # a FORMATS value, "hub", "builtin", or for stdin "" until its first line is read
@@ -61,6 +62,8 @@ def resolve(spec: str, config: Config) -> list[Source]:
         return [Source("builtin", spec, spec, "builtin")]
     if spec == "-":
         return [Source("stdin", spec, "stdin", "")]
+    if spec.startswith(TEXTS_PREFIX):
+        return [Source("texts", spec, "texts", "texts")]
     if spec == "wikitext":
         return [Source("hub", spec, WIKITEXT_HUB[0], "wikitext")]
     is_url = "://" in spec
@@ -74,6 +77,8 @@ def resolve(spec: str, config: Config) -> list[Source]:
             return [file_source(spec, fs, path, PurePosixPath(path).name)]
     if is_url or looks_like_path(spec):
         raise PplError(f"data not found: {spec}", EXIT_DATA)
+    if len(spec) > 200 or any(c.isspace() for c in spec):  # no dataset id has spaces
+        raise PplError(f"data not found: {spec[:60]!r}{'...' if len(spec) > 60 else ''} is not a file, folder or dataset id (to score texts from Python: ppl_cli.score(texts))", EXIT_DATA)
     return [Source("hub", spec, spec, "hub")]
 
 
@@ -182,6 +187,9 @@ def check_option_conflicts(sources: list[Source], config: Config) -> None:
     records = [s for s in sources if s.format in RECORD_FORMATS or s.format == "wikitext"]
     if records and config.doc_split != "file":
         raise PplError(f"--doc-split applies to plain text (.txt, directories, stdin), not to {records[0].spec}")
+    texts = [s for s in sources if s.format not in RECORD_FORMATS and s.kind != "stdin"]
+    if texts and config.words_field:
+        raise PplError(f"--words-field reads a list of words from each record (JSON Lines, JSON, Parquet, hub datasets), not from {texts[0].spec}")
 
 
 def open_binary(source: Source, counter: ByteCounter, stdin: BinaryIO | None = None) -> tuple[BinaryIO, Source]:

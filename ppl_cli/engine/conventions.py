@@ -30,17 +30,30 @@ class Windowing:
     bos_id: int | None
     prefix_id: int | None = None  # lm-eval: the token prepended to every document
     detokenize: str = "none"
+    # --lengths: the context lengths of the curve (`window` is the largest), "prefix" (each document's
+    # first L tokens) or "sliding" (windows of L tokens, `stride` apart), the tokens a document needs
+    # to take part, and whether the prefix protocol needs a pass per length (logits that depend on
+    # the input's length) rather than one pass at the largest
+    lengths: tuple[int, ...] = ()
+    protocol: str | None = None
+    min_tokens: int = 0
+    per_length: bool = False
+    length_dependence: str | None = None  # why the logits depend on the input's length (per_length), as found
 
     @classmethod
     def from_description(cls, d: dict) -> Windowing:
         """The inverse of describe(), as summary.json holds it (without the token ids it omits)."""
         return cls(
-            d["convention"], d["window"], d["stride"], d["add_bos"], None, d.get("prefix_token_id"), d.get("detokenize", "none")
-        )
+            d["convention"], d["window"], d["stride"], d["add_bos"], None, d.get("prefix_token_id"), d.get("detokenize", "none"),
+            tuple(d.get("lengths", ())), d.get("protocol"), d.get("min_tokens", 0), d.get("passes") == "per length" and d.get("protocol") == "prefix",
+            d.get("length_dependence"),
+        )  # fmt: skip
 
     @property
     def step(self) -> int:
         """Tokens between the starts of consecutive windows, as the windows are made (`stride` is what was asked)."""
+        if self.protocol == "prefix":
+            return self.window  # one window a document
         if self.convention == "sliding":
             return min(self.stride, self.window - 1)  # sliding_windows' rule: no token is ever skipped
         if self.convention == "hf-recipe":
@@ -53,15 +66,23 @@ class Windowing:
             out["prefix_token_id"] = self.prefix_id
         if self.detokenize != "none":
             out["detokenize"] = self.detokenize
+        if self.lengths:
+            out.update(lengths=list(self.lengths), protocol=self.protocol, min_tokens=self.min_tokens)
+            out["passes"] = "per length" if self.per_length or self.protocol == "sliding" else "one"
+            if self.length_dependence:
+                out["length_dependence"] = self.length_dependence
         return out
 
 
 def resolve_windowing(config, lm) -> Windowing:
     """The windowing of a run: the config's choices, completed from the model and its tokenizer."""
     convention = config.convention
-    window = config.window or min(lm.context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
-    if lm.context_length and window > lm.context_length:
-        raise PplError(f"--window {window} is larger than the model's context length ({lm.context_length})")
+    window = config.lengths[-1] if config.lengths else config.window or min(lm.context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+    if lm.context_length and window > lm.context_length and not config.allow_beyond_context:
+        what = f"--lengths up to {window}" if config.lengths else f"--window {window}"
+        raise PplError(
+            f"{what} is longer than the model's context length ({lm.context_length}); --allow-beyond-context scores it anyway (extrapolation)"
+        )
     stride = config.stride or max(1, window // 2)
     if convention in ("hf-recipe", "lm-eval") and config.add_bos is not None:
         rule = "never adds special tokens" if convention == "hf-recipe" else "always prefixes its prefix token"
@@ -83,14 +104,19 @@ def resolve_windowing(config, lm) -> Windowing:
         if prefix_id is None:
             raise PplError("--convention lm-eval: this tokenizer has neither a BOS nor an EOS token to prefix")
     bos_id = lm.bos_id if add_bos else None
-    windowing = Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize)
-    if config.stride is not None and windowing.step != config.stride:
+    protocol = ("sliding" if config.stride is not None else "prefix") if config.lengths else None
+    min_tokens = (config.min_tokens or (window if protocol == "prefix" else 2)) if config.lengths else 0
+    windowing = Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize, config.lengths, protocol, min_tokens)
+    shortest = config.lengths[0] if config.lengths else window
+    if config.stride is not None and (config.stride >= shortest if config.lengths else windowing.step != config.stride):
         if convention == "sliding":
-            why = f"--stride {config.stride} is not below --window {window}: windows step by {windowing.step} tokens instead, each scored span keeping one token of context"
+            what = f"--lengths' shortest, {shortest}" if config.lengths else f"--window {window}"
+            why = f"--stride {config.stride} is not below {what}: windows step by {shortest - 1} tokens instead, each scored span keeping one token of context"
         else:
             why = f"--stride does not apply to --convention {convention}: its windows step by the window, {window} tokens"
         warnings.warn(f"{why} (summary.json records both as windowing.stride and windowing.step)", PplWarning, stacklevel=2)
     return windowing
+
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

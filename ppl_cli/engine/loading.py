@@ -39,7 +39,7 @@ class LoadedModel:
     context_length: int | None
     bos_id: int | None
     info: dict
-    offload: Any = None  # the temporary folder of layers a device map put on disk, kept while the model lives
+    temporary: tuple = ()  # temporary folders kept while the model lives: a device map's offloaded layers, an uncached de-quantized GGUF
     one_window: bool = False  # score one window a batch: its numbers would depend on the others in a batch (LLM.int8)
 
 
@@ -165,17 +165,24 @@ def load_model(config: Config, local_rank: int = 0, tokenizer=None) -> LoadedMod
                 PplWarning,
                 stacklevel=2,
             )
+    origin = {"id": config.model, "source": source.location, "gguf_file": source.gguf_file, "kind": source.kind, "revision": config.revision}
+    temporary = []
+    if source.gguf_file:  # read from its de-quantized copy: transformers de-quantizes a .gguf on every load
+        from .gguf_cache import dequantized
+
+        folder, scratch = dequantized(source.location, source.gguf_file, config.model)
+        source = ModelSource(str(folder), None, "directory")
+        temporary.append(scratch)
+        origin["weights"] = f"{origin['gguf_file']}, de-quantized to float32" + (f", then quantized again by --quantize {config.quantize}" if config.quantize else "")
+        origin["dequantized_copy"] = str(folder) if scratch is None else None
     kwargs = source_kwargs(config, source)
-    weights = {} if source.gguf_file or config.allow_pickle else {"use_safetensors": True}
-    if not source.gguf_file and not config.allow_pickle:
+    if source.kind == "hub":
+        kwargs.update(hub_access(config.model, config.revision))
+    weights = {} if config.allow_pickle else {"use_safetensors": True}
+    if not config.allow_pickle:
         refuse_pickle_only(source, config.model)
-    if config.quantize and source.gguf_file:
-        raise PplError(
-            f"--quantize cannot re-quantize {source.gguf_file} (transformers de-quantizes a .gguf file as it loads it);"
-            " save it de-quantized as a model directory first (docs/models.md, \"A .gguf file, quantized again\")",
-            EXIT_MODEL,
-        )
     placement, offload = placement_kwargs(config, device)
+    temporary.append(offload)
     quantization = quantization_config(config.quantize, dtype, device)
     if config.device_map is not None:
         quantization.pop("device_map", None)  # the user's map wins
@@ -193,9 +200,8 @@ def load_model(config: Config, local_rank: int = 0, tokenizer=None) -> LoadedMod
     if not placed(model):
         model.to(device)  # a no-op where the weights were loaded onto it
     model.eval()
-    loaded = described(model, tokenizer, config, {"id": config.model, "source": source.location, "gguf_file": source.gguf_file,
-                                                   "kind": source.kind, "revision": config.revision})  # fmt: skip
-    loaded.offload = offload
+    loaded = described(model, tokenizer, config, origin)
+    loaded.temporary = tuple(t for t in temporary if t is not None)
     return loaded
 
 
@@ -265,6 +271,37 @@ def batch_wide_outliers(model) -> bool:
         return False
     settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
     return bool(settings.get("load_in_8bit") or settings.get("_load_in_8bit")) and settings.get("llm_int8_threshold", 6.0) > 0
+
+
+HUB_PROBE_S = 3.0  # how long the hub may take to accept a connection before it counts as unreachable
+
+
+def hub_access(spec: str, revision: str | None) -> dict:
+    """How to load a hub model: as usual where the hub answers (or offline mode, a proxy, decide);
+    from the local cache alone where it does not and the model is cached; else a one-line error at
+    once, instead of transformers' retries (25 s)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if constants.HF_HUB_OFFLINE or proxied:
+        return {}
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)), timeout=HUB_PROBE_S).close()
+        return {}
+    except OSError:
+        pass
+    if isinstance(try_to_load_from_cache(spec, "config.json", revision=revision), str):
+        return {"local_files_only": True}
+    raise PplError(
+        f"model {spec} is not in the local Hugging Face cache and the hub ({constants.ENDPOINT}) cannot be reached; "
+        "download it once with network access (it is cached), then run with HF_HUB_OFFLINE=1",
+        EXIT_MODEL,
+    )
 
 
 def source_kwargs(config: Config, source: ModelSource) -> dict:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import EXIT_MODEL, EXIT_NUMERIC, PplError
 from .attention import use_blocked_attention
+from .length_probe import reset_position_state
 from .loading import no_gradients, probe_ids
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per head chunk: 64 MiB in float32
@@ -34,6 +35,7 @@ class Job(NamedTuple):
     tokens: torch.Tensor  # [m] int64, the window span t[begin:end]
     context: int  # score_from - begin, at least 1
     reads: int  # m - 1 or m
+    tail: bool = False  # also the distribution after the last token (reads == m): its word-start classes
 
     @property
     def scored(self) -> int:
@@ -42,27 +44,38 @@ class Job(NamedTuple):
 
 class Scored(NamedTuple):
     """One job's sums over its scored tokens (float64, keys as in documents.jsonl) and, when the
-    scorer keeps them, its per-token values in order (numpy, keys as in TOKEN_VALUES)."""
+    scorer keeps them, its per-token values in order (numpy, keys as in TOKEN_VALUES); for a job
+    with `tail`, the word-start classes' log-probabilities after its last token."""
 
     sums: dict[str, float]
     tokens: dict[str, np.ndarray] | None = None
+    tail: dict[str, float] | None = None
 
 
 # Per-token values: the NLL always; with a reference model P the NLL under P, KL(P || Q) over the
 # whole vocabulary, whether both models' most likely tokens agree, and delta_p = q(token) - p(token);
 # for --save-tokens and --signals the entropy of Q's distribution and the token's rank in it (1 = most
-# likely); for --signals the token's log q standardised over Q's distribution, z = (log q - mu) / sigma.
-TOKEN_VALUES = ("nll", "ref_nll", "kld", "same_top", "delta_p", "entropy", "rank", "z")
+# likely); for --signals the token's log q standardised over Q's distribution, z = (log q - mu) / sigma;
+# for --save-words the log-probability of each word-start class of the token's distribution
+# (word_starts.py): a word start, a word start or EOS, neither.
+TOKEN_VALUES = ("nll", "ref_nll", "kld", "same_top", "delta_p", "entropy", "rank", "z", "bow", "bow_eos", "not_bow")
+CLASS_VALUES = ("bow", "bow_eos", "not_bow")  # the columns of the word classes matrix, in order
 
 
 class Scorer:
     def __init__(
-        self, model, device, max_batch_tokens: int, reference: Scorer | None = None, keep: tuple[str, ...] = (), tune_memory: bool = True, one_window: bool = False
-    ):
+        self, model, device, max_batch_tokens: int, reference: Scorer | None = None, keep: tuple[str, ...] = (), tune_memory: bool = True,
+        one_window: bool = False, fresh_positions: bool = False, word_classes: torch.Tensor | None = None,
+    ):  # fmt: skip
         """`reference`: a second model's Scorer, run on the same windows; `keep`: per-token values to
         return; `tune_memory`: set the process's allocator for speed (not in a caller's process);
-        `one_window`: a batch of one window only (a model whose numbers depend on the batch)."""
+        `one_window`: a batch of one window only (a model whose numbers depend on the batch);
+        `fresh_positions`: batches of windows of one length, each pass's position scaling as a fresh
+        model's (a model whose logits depend on the input's length: length_probe.py); `word_classes`
+        [V, 3]: the word-start classes' indicators, kept as CLASS_VALUES (word_starts.py)."""
         self.one_window = one_window
+        self.fresh_positions = fresh_positions
+        self.word_classes = word_classes.to(device) if word_classes is not None else None
         self.model = model
         self.device = device
         self.max_batch_tokens = max_batch_tokens
@@ -79,12 +92,16 @@ class Scorer:
     def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[Scored]:
         """The sums (and kept per-token values) of each job's scored tokens, in nats."""
         totals: list[Scored] = [Scored({})] * len(jobs)
-        for batch in plan_batches([job.reads for job in jobs], self.max_batch_tokens, 1 if self.one_window else None):
+        for batch in self.plan(jobs):
             for index, scored in zip(batch, self.score_batch([jobs[i] for i in batch])):
                 totals[index] = scored
             if on_tokens:
                 on_tokens(sum(jobs[i].scored for i in batch))
         return totals
+
+    def plan(self, jobs: Sequence[Job]) -> list[list[int]]:
+        """The batches of job indices these jobs are scored in (plan_batches under this scorer's budget)."""
+        return plan_batches([job.reads for job in jobs], self.max_batch_tokens, 1 if self.one_window else None, self.fresh_positions)
 
     def score_batch(self, jobs: list[Job]) -> list[Scored]:
         """Score one batch; on CUDA out-of-memory, score it in halves (same numbers, smaller batches)."""
@@ -101,6 +118,8 @@ class Scorer:
             return self.score_batch(jobs[:half]) + self.score_batch(jobs[half:])
 
     def forward(self, jobs: list[Job]) -> list[Scored]:
+        if self.fresh_positions:
+            reset_position_state(self.model)
         width = max(job.reads for job in jobs)
         inputs = torch.full((len(jobs), width), PAD_ID, dtype=torch.long)
         rows, targets, owner = [], [], []
@@ -111,11 +130,18 @@ class Scorer:
             rows.append(torch.arange(b * width + job.context - 1, b * width + m - 1))
             targets.append(job.tokens[job.context :])
             owner.append(torch.full((m - job.context,), b))
+        tails = [b for b, job in enumerate(jobs) if job.tail]  # their last position's row follows every scored row
+        rows.append(torch.tensor([b * width + len(jobs[b].tokens) - 1 for b in tails], dtype=torch.long))
+        targets.append(torch.zeros(len(tails), dtype=torch.long))  # no token follows: a placeholder target
         inputs = inputs.to(self.device, non_blocking=True)
         rows = torch.cat(rows).to(self.device)
         targets = torch.cat(targets).to(self.device)
         owner = torch.cat(owner).to(self.device)
-        values = {name: v.to(self.device) for name, v in self.token_values(inputs, rows, targets).items()}  # name -> [N]
+        values = {name: v.to(self.device) for name, v in self.token_values(inputs, rows, targets).items()}  # name -> [N + tails]
+        scored_rows = len(owner)
+        after = {name: values[name][scored_rows:].tolist() for name in CLASS_VALUES if name in values}
+        values = {name: v[:scored_rows] for name, v in values.items()}
+        targets = targets[:scored_rows]
         for name in ("nll", "kld"):
             if name in values and not torch.isfinite(values[name]).all():
                 raise PplError(
@@ -127,13 +153,14 @@ class Scorer:
         sums = torch.zeros(len(jobs), len(columns), dtype=torch.float64, device=rows.device)  # [B, K]
         sums.index_add_(0, owner, torch.stack(list(columns.values()), dim=1))
         per_job = [dict(zip(columns, row)) for row in sums.tolist()]
+        tail = {b: {name: column[k] for name, column in after.items()} for k, b in enumerate(tails)}
         if not self.keep:
-            return [Scored(s) for s in per_job]
+            return [Scored(s, None, tail.get(b)) for b, s in enumerate(per_job)]
         counts = [job.scored for job in jobs]
         kept = {name: values[name].cpu().numpy() for name in self.keep}
         kept["token_id"] = targets.cpu().numpy()
         bounds = np.cumsum([0, *counts])
-        return [Scored(s, {k: v[bounds[b] : bounds[b + 1]] for k, v in kept.items()}) for b, s in enumerate(per_job)]
+        return [Scored(s, {k: v[bounds[b] : bounds[b + 1]] for k, v in kept.items()}, tail.get(b)) for b, s in enumerate(per_job)]
 
     def positions(self, inputs: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module | None]:
         """Decoder hidden states [N, H] at the scored rows and the LM head, or (models whose logits
@@ -146,13 +173,13 @@ class Scorer:
 
     def token_values(self, inputs, rows, targets) -> dict[str, torch.Tensor]:
         hidden, head = self.positions(inputs, rows)
-        if self.reference is None and set(self.keep) <= {"nll"}:
+        if self.reference is None and set(self.keep) <= {"nll"} and self.word_classes is None:
             return {"nll": token_nll(hidden, targets, head)}
         reference = None
         if self.reference is not None:
             ref = self.reference
             reference = ref.positions(inputs.to(ref.device), rows.to(ref.device))
-        return token_details(hidden, targets, head, reference, wanted=self.keep)
+        return token_details(hidden, targets, head, reference, wanted=self.keep, classes=self.word_classes)
 
 
 def summed_columns(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,14 +215,16 @@ def token_nll(rows: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
     return out
 
 
-def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (), classes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-token values [N] from Q's hidden states (or logits) and, when given, the reference model
     P's (rows, head), a chunk of rows at a time so no [N, V] tensor is held. The NLL equals
     token_nll's bit for bit (log-softmax, then the target's entry, as cross_entropy computes it).
 
     z (Min-K%++): mu = sum_v q(v) log q(v) and sigma^2 = sum_v q(v) (log q(v) - mu)^2, the variance
     taken about the mean (the same quantity as E[(log q)^2] - mu^2, without its cancellation in
-    float32); z is 0 where the distribution is a point mass (sigma = 0)."""
+    float32); z is 0 where the distribution is a point mass (sigma = 0).
+
+    With `classes` [V, 3] (0/1 indicators), each class's log-probability: log sum_v q(v) c(v)."""
     vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
     if reference is not None:
         ref_rows, ref_head = reference
@@ -204,6 +233,7 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
             raise PplError(f"the models' vocabularies differ in size ({vocab} vs {ref_vocab} for the reference)", EXIT_MODEL)
     chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab // ((3 if reference is not None else 2) + ("z" in wanted)))
     names = ["nll", *(n for n in ("entropy", "rank", "z") if n in wanted)] + (["ref_nll", "kld", "same_top", "delta_p"] if reference else [])
+    names += list(CLASS_VALUES) if classes is not None else []
     out = {name: torch.empty(len(targets), dtype=torch.float32, device=rows.device) for name in names}
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
@@ -211,8 +241,12 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
         target = targets[part].unsqueeze(1).to(logq.device)  # [c, 1]
         own = logq.gather(1, target)  # [c, 1]
         out["nll"][part] = -own[:, 0]
+        q = logq.exp() if "entropy" in out or "z" in out or classes is not None else None  # [c, V]
+        if classes is not None:
+            out_classes = (q @ classes.to(q.device)).log()  # [c, 3]
+            for k, name in enumerate(CLASS_VALUES):
+                out[name][part] = out_classes[:, k]
         if "entropy" in out or "z" in out:
-            q = logq.exp()  # [c, V]
             mu = (q * logq).sum(-1)  # [c], minus the entropy
             if "entropy" in out:
                 out["entropy"][part] = -mu
@@ -234,9 +268,9 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
     return out
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_rows: int | None = None, same_length: bool = False) -> list[list[int]]:
     """Group job indices, longest first, so that rows * longest length <= max_batch_tokens (and
-    rows <= max_rows).
+    rows <= max_rows; with `same_length`, no padding: jobs of one length a batch).
 
     Sorting by length keeps padding small; a job longer than the budget gets a batch of its own.
     The plan depends only on the lengths, so it is the same on every run.
@@ -244,7 +278,8 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_rows: int | 
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens and len(batches[-1]) != max_rows:
+        fits = batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens and len(batches[-1]) != max_rows
+        if fits and (not same_length or lengths[i] == lengths[batches[-1][0]]):
             batches[-1].append(i)
         else:
             batches.append([i])

@@ -12,14 +12,17 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from ..data.documents import digest
 from ..data.records import Document
 from ..errors import EXIT_DATA, PplError
-from .conventions import JOIN, JOINED_ID, Windowing, prefix, text_to_score, windows
+from .conventions import JOIN, JOINED_ID, Windowing, conditional_windows, prefix, text_to_score, windows
 from .layouts import Layout
+from .windows import Window, sliding_windows
 
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 TOKENIZE_CHARS = 1 << 20  # ... or fewer, when they are long
@@ -41,7 +44,9 @@ class Tokenized(NamedTuple):
 
     A document scored given a context has `spans`, the scored tokens (None: every token after the
     first), `counted`, the texts whose words and bytes are its own, and with --ifd `alone`, each
-    span's tokens after a prefix token, to be scored as plain documents.
+    span's tokens after a prefix token, to be scored as plain documents. Under --lengths, `cuts`
+    holds for each length the character of the text where that length's tokens end (None: the
+    document is shorter), and a document too short to take part is skipped with `short`.
     """
 
     index: int
@@ -52,10 +57,37 @@ class Tokenized(NamedTuple):
     spans: tuple[TokenSpan, ...] | None = None
     counted: tuple[str, ...] | None = None
     alone: tuple[np.ndarray, ...] = ()
+    cuts: tuple[int | None, ...] | None = None
+    short: bool = False
+    offsets: np.ndarray | None = None  # [t, 2] int32: each text token's characters (start, end), for --save-words
+    bad: bool = False  # --skip-bad-records: passed over (counted as a bad record, not as skipped)
 
     @property
     def skipped(self) -> bool:
         return self.length == 0
+
+    def passes(self, windowing: Windowing) -> list[tuple[np.ndarray, list[Window]]]:
+        """The document's passes over its own tokens, each (token ids, windows); the last is the one
+        its row's metrics, tokens and signals come from. --lengths: with a stride, a pass of sliding
+        windows per length; else its prefix cut to the largest length it reaches, read in one pass
+        (its shorter prefixes' sums are taken from that pass), or in a pass per length when the
+        model's logits depend on the input's length."""
+        if self.spans is not None:
+            return [(self.ids, conditional_windows(self.spans, windowing))]
+        if windowing.protocol == "sliding":
+            return [(self.ids, sliding_windows(len(self.ids), length, windowing.stride)) for length in windowing.lengths]
+        if windowing.protocol == "prefix" and windowing.per_length:
+            return [(self.ids, [Window(0, length, 1)]) for length, cut in zip(windowing.lengths, self.cuts) if cut is not None]
+        return [(self.ids, windows(len(self.ids), windowing))]
+
+    def work(self, windowing: Windowing) -> int:
+        """The tokens scoring it scores (its passes and --ifd's continuations alone): what progress counts."""
+        if self.done is not None:
+            return self.done["tokens"]
+        if self.skipped:
+            return 0
+        own = sum(w.end - w.score_from for _, ws in self.passes(windowing) for w in ws)
+        return own + sum(w.end - w.score_from for ids in self.alone for w in windows(len(ids), windowing))
 
 
 class Conditional(NamedTuple):
@@ -69,33 +101,47 @@ class Conditional(NamedTuple):
     alone_prefix: int | None  # --ifd: the token before a continuation scored alone; None: no --ifd
 
 
-def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
-    """texts -> token ids without special tokens, equal to tokenizer(texts, add_special_tokens=False).
+class Encoder:
+    """texts -> token ids without special tokens, equal to tokenizer(texts, add_special_tokens=False),
+    and with_offsets(texts): each text's ids and their characters (start, end) in it.
 
     A fast tokenizer's Rust backend is called directly (encode_batch_fast skips the character
     offsets), after one call through transformers has set it up as every call does (no truncation,
-    no padding); other tokenizers go through transformers.
+    no padding); other tokenizers go through transformers, and have no offsets.
     """
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_batch"):
 
-        def encode(texts):
-            import transformers
+    def __init__(self, tokenizer, offsets: bool = False):
+        """`offsets`: documents keep their tokens' characters (Tokenized.offsets), for --save-words."""
+        self.tokenizer = tokenizer
+        self.offsets = offsets
+        self.backend = getattr(tokenizer, "_tokenizer", None)
+        if self.backend is not None and hasattr(self.backend, "encode_batch"):
+            tokenizer(["ppl-eval"], add_special_tokens=False)
+        else:
+            self.backend = None
 
-            verbosity = transformers.logging.get_verbosity()
-            transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum"
-            try:
-                return tokenizer(texts, add_special_tokens=False)["input_ids"]
-            finally:
-                transformers.logging.set_verbosity(verbosity)
+    @property
+    def has_offsets(self) -> bool:
+        return self.backend is not None
 
-        return encode
-    tokenizer(["ppl-eval"], add_special_tokens=False)
-    fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return lambda texts: [e.ids for e in fast(texts, add_special_tokens=False)]
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum"
+        try:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+
+    def with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        return [(e.ids, e.offsets) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def token_ids(encode, texts: list[str], windowing: Windowing) -> list[np.ndarray]:
+def token_ids(encode: Encoder, texts: list[str], windowing: Windowing) -> list[np.ndarray]:
     """Each text on its own, the convention's prefix first, as int32 (4 bytes a token)."""
     head = prefix(windowing)
     return [np.array(head + ids, dtype=np.int32) for ids in encode([text_to_score(t, windowing) for t in texts])]
@@ -114,23 +160,34 @@ class BadDocument(Exception):
 
 
 def tokenize_documents(
-    documents: Iterable[tuple[int, Document]], encode, windowing: Windowing, done: Iterator[dict], conditional: Conditional | None = None
-) -> Iterator[list[Tokenized]]:
+    documents: Iterable[tuple[int, Document]], encode, windowing: Windowing, done: Iterator[tuple[dict, str | None]],
+    conditional: Conditional | None = None, bad=None,
+) -> Iterator[list[Tokenized]]:  # fmt: skip
     """Batches of tokenized documents in input order; documents done by an earlier run pass by
-    untokenized (their id is checked against the row), empty ones are marked skipped. Bad input
+    untokenized (checked against their rows: with_done_rows), empty ones are marked skipped. Bad input
     (unreadable further on, a conversation its template cannot render) ends the stream with its
-    error, after the documents before it."""
+    error, after the documents before it; with `bad` (--skip-bad-records: data.records.BadRecords)
+    a document that cannot become a sequence is passed over, counted there, instead."""
     pending: list[tuple[int, Document, dict | None]] = []
     chars = 0
     rows = with_done_rows(documents, done)
 
     def flush(items) -> Iterator[list[Tokenized]]:
-        try:
-            batch = tokenize_batch(items, encode, windowing, conditional)
-        except BadDocument as e:
-            if e.at:
-                yield tokenize_batch(items[: e.at], encode, windowing, conditional)
-            raise e.error from None
+        batch: list[Tokenized] = []
+        while items:
+            try:
+                batch += tokenize_batch(items, encode, windowing, conditional)
+                break
+            except BadDocument as e:
+                if e.at:
+                    batch += tokenize_batch(items[: e.at], encode, windowing, conditional)
+                if bad is None:
+                    yield batch
+                    raise e.error from None
+                index, doc, _ = items[e.at]
+                bad.add(doc.where, str(e.error))
+                batch.append(Tokenized(index, doc, None, 0, bad=True))
+                items = items[e.at + 1 :]
         yield batch
 
     while True:
@@ -151,24 +208,39 @@ def tokenize_documents(
         yield from flush(pending)
 
 
+def digest_hex(index: int, doc: Document) -> str:
+    """A document's digest as contexts.jsonl records it: the first 16 hex digits of data.documents.digest."""
+    return f"{digest(index, doc):064x}"[:16]
+
+
 def text_size(doc: Document) -> int:
     return len(doc.text) + len(doc.context or "") + sum(len(m["content"]) for m in doc.messages or ())
 
 
-def with_done_rows(documents: Iterable[tuple[int, Document]], done: Iterator[dict]) -> Iterator[tuple[int, Document, dict | None]]:
-    """Each document with the row an earlier run wrote for it (rows come in index order), or None."""
+def with_done_rows(documents: Iterable[tuple[int, Document]], done: Iterator[tuple[dict, str | None]]) -> Iterator[tuple[int, Document, dict | None]]:
+    """Each document with the row an earlier run wrote for it, or None. `done`: the finished rows in
+    index order, each with the digest its document had then (None: not recorded), checked against
+    the document as it is now; a finished row past the end of the data is an error too."""
     next_done = next(done, None)
     for index, doc in documents:
-        while next_done is not None and next_done["index"] < index:
+        while next_done is not None and next_done[0]["index"] < index:
             next_done = next(done, None)
-        row = next_done if next_done is not None and next_done["index"] == index else None
-        if row is not None and row["id"] != doc.id:
+        row, scored_digest = next_done if next_done is not None and next_done[0]["index"] == index else (None, None)
+        if row is not None and (row["id"] != doc.id or scored_digest not in (None, digest_hex(index, doc))):
+            what = f"has id {doc.id!r}, but {row['id']!r} in documents.jsonl" if row["id"] != doc.id else f"({doc.where}) is not the text that was scored"
             raise PplError(
-                f"the data changed since the run in this output directory began: document {index} has id"
-                f" {doc.id!r}, but {row['id']!r} in documents.jsonl; use --overwrite to start afresh",
+                f"the data changed since the run in this output directory began: document {index} {what}; use --overwrite to start afresh",
                 EXIT_DATA,
             )
         yield index, doc, row
+    while next_done is not None and next_done[0]["index"] < getattr(documents, "count", 0):  # other ranks' rows
+        next_done = next(done, None)
+    if next_done is not None:
+        raise PplError(
+            f"the data changed since the run in this output directory began: it has no document {next_done[0]['index']} now,"
+            " which that run scored; use --overwrite to start afresh",
+            EXIT_DATA,
+        )
 
 
 def tokenize_batch(
@@ -176,8 +248,14 @@ def tokenize_batch(
 ) -> list[Tokenized]:
     if conditional is not None:
         return conditional_batch(pending, encode, conditional)
+    if windowing.lengths:
+        return length_batch(pending, encode, windowing)
     todo = [doc.text for _, doc, row in pending if row is None and doc.text.strip()]
-    encoded = iter(token_ids(encode, todo, windowing))
+    if encode.offsets:
+        head = prefix(windowing)
+        encoded = iter((np.array(head + ids, dtype=np.int32), np.array(offsets, dtype=np.int32).reshape(-1, 2)) for ids, offsets in encode.with_offsets(todo))
+    else:
+        encoded = iter((ids, None) for ids in token_ids(encode, todo, windowing))
     out = []
     for index, doc, row in pending:
         if row is not None:
@@ -185,9 +263,39 @@ def tokenize_batch(
         elif not doc.text.strip():
             out.append(Tokenized(index, doc, None, 0))
         else:
-            ids = next(encoded)
+            ids, offsets = next(encoded)
             scored = has_tokens_to_score(len(ids), windowing)
-            out.append(Tokenized(index, doc, ids if scored else None, len(ids) if scored else 0))
+            out.append(Tokenized(index, doc, ids if scored else None, len(ids) if scored else 0, offsets=offsets))
+    return out
+
+
+def length_batch(pending: list[tuple[int, Document, dict | None]], encode: Encoder, windowing: Windowing) -> list[Tokenized]:
+    """--lengths: each document's tokens (the prefix protocol: cut to the largest length it reaches)
+    and where each length's tokens end in its text; documents with fewer than windowing.min_tokens
+    tokens (the prefix protocol: or than the shortest length) are skipped as short."""
+    todo = [doc.text for _, doc, row in pending if row is None and doc.text.strip()]
+    encoded = iter(encode.with_offsets(todo))
+    head = prefix(windowing)
+    out = []
+    for index, doc, row in pending:
+        if row is not None:
+            out.append(Tokenized(index, doc, None, done_length(row), row))
+            continue
+        if not doc.text.strip():
+            out.append(Tokenized(index, doc, None, 0))
+            continue
+        ids, offsets = next(encoded)
+        n = len(head) + len(ids)
+        if n < max(windowing.min_tokens, windowing.lengths[0] if windowing.protocol == "prefix" else 2):
+            out.append(Tokenized(index, doc, None, 0, short=True))
+            continue
+        if windowing.protocol == "sliding":
+            cuts = (len(doc.text),) * len(windowing.lengths)
+        else:  # the text up to the end of a length's last token (no text before the first)
+            cuts = tuple((offsets[length - 1 - len(head)][1] if length > len(head) else 0) if length <= n else None for length in windowing.lengths)
+            n = max(length for length in windowing.lengths if length <= n)
+        sequence = np.array(head + ids[: n - len(head)], dtype=np.int32)
+        out.append(Tokenized(index, doc, sequence, n, cuts=cuts))
     return out
 
 
@@ -251,15 +359,17 @@ def conditional_batch(pending: list[tuple[int, Document, dict | None]], encode, 
     return out
 
 
-def joined_document(documents: Iterable[tuple[int, Document]], encode, windowing: Windowing, done: Iterator[dict]) -> Iterator[list[Tokenized]]:
+def joined_document(documents: Iterable[tuple[int, Document]], encode, windowing: Windowing, done: Iterator[tuple[dict, str | None]]) -> Iterator[list[Tokenized]]:
     """hf-recipe and llama-cpp score the corpus as one sequence, the documents joined: that text and
     its token ids are held in memory whole, as those tools do."""
     texts = [doc.text for _, doc in documents]
     if not texts:
         return
     doc = Document(JOINED_ID, JOIN.join(texts))
-    row = next(done, None)
+    row, scored_digest = next(done, (None, None))
     if row is not None and row["index"] == 0:
+        if scored_digest not in (None, digest_hex(0, doc)):
+            raise PplError("the data changed since the run in this output directory began; use --overwrite to start afresh", EXIT_DATA)
         yield [Tokenized(0, doc, None, row["tokens"], row)]
         return
     [ids] = token_ids(encode, [doc.text], windowing) if doc.text.strip() else [np.zeros(0, np.int32)]
@@ -271,6 +381,27 @@ def joined_document(documents: Iterable[tuple[int, Document]], encode, windowing
         )
     scored = has_tokens_to_score(len(ids), windowing)
     yield [Tokenized(0, doc, ids if scored else None, len(ids) if scored else 0)]
+
+
+@dataclass
+class ReadTally:
+    """What the reader has seen so far, for the progress bar: documents, the tokens scoring them
+    will score, the input's bytes read, and whether it has reached the end."""
+
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    finished: bool = False
+
+
+def tallied(batches: Iterator[list[Tokenized]], tally: ReadTally, counter, windowing: Windowing) -> Iterator[list[Tokenized]]:
+    """`batches` as they are, counted into `tally` (with `counter.bytes`, the input read so far)."""
+    for batch in batches:
+        tally.documents += sum(not item.skipped for item in batch)
+        tally.tokens += sum(item.work(windowing) for item in batch)
+        tally.bytes = counter.bytes
+        yield batch
+    tally.finished = True
 
 
 class Failure(NamedTuple):

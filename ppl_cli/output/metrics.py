@@ -65,7 +65,7 @@ def unit_metrics(nll_sum: float, tokens: int, words: int, n_bytes: int) -> dict:
     }
 
 
-ROW_KEYS = {"index", "id", "group", *METRIC_KEYS, *SIGNALS}  # every other number in a row is a per-document sum (conventions', the reference model's)
+ROW_KEYS = {"index", "id", "group", *METRIC_KEYS, *SIGNALS, "word_perplexity_corrected"}  # every other number in a row is a per-document sum (conventions', the reference model's, the words')
 BOOTSTRAP_ELEMENTS = 1 << 21  # samples x documents drawn at a time: bounds the bootstrap's memory
 
 
@@ -100,6 +100,7 @@ class Totals:
         self.macro_sum, self.macro_count = 0.0, 0
         self.resampled = np.zeros((samples, 3))  # per sample: weighted nll, tokens, bytes
         self.signals = SignalTotals(samples)
+        self.lengths: LengthTotals | None = None  # --lengths: made with the first row that has them
 
     def add(self, docs: Sequence[dict], values: np.ndarray, weights: np.ndarray | None) -> None:
         """`values` [m, 3]: each document's nll, tokens, bytes; `weights` [B, m]: its resampling weights."""
@@ -115,6 +116,10 @@ class Totals:
         if weights is not None:
             self.resampled += weights @ values  # [B, m] @ [m, 3]
         self.signals.add(docs, weights)
+        if "lengths" in docs[0]:
+            if self.lengths is None:
+                self.lengths = LengthTotals(len(docs[0]["lengths"]["nll"]), self.samples)
+            self.lengths.add(docs, weights)
 
     def metrics(self, seed: int) -> dict:
         out = unit_metrics(self.nll, self.tokens, self.words, self.bytes)
@@ -123,6 +128,8 @@ class Totals:
         signals = self.signals.summary()
         if signals is not None:
             out["signals"] = signals
+        if self.lengths is not None:
+            out["length_points"] = self.lengths.points(seed)
         return out
 
     def interval(self, seed: int, confidence: float = 0.95) -> dict:
@@ -197,6 +204,60 @@ class SignalTotals:
                 "max": float(self.high[s]),
                 "bootstrap": interval,
             }
+        return out
+
+
+class LengthTotals:
+    """--lengths: at each length, over the documents that reach it, the sums of their NLL, scored
+    tokens and bytes, their number and the sum of their token perplexities; and the same in each
+    bootstrap resample (the documents' Poisson weights)."""
+
+    COLUMNS = ("nll", "tokens", "bytes", "documents", "perplexities")
+
+    def __init__(self, lengths: int, samples: int):
+        self.samples = samples
+        self.sums = np.zeros((lengths, len(self.COLUMNS)))
+        self.resampled = np.zeros((samples, lengths, len(self.COLUMNS)))
+
+    def add(self, docs: Sequence[dict], weights: np.ndarray | None) -> None:
+        """`weights` [B, m]: the documents' resampling weights (None: no bootstrap)."""
+        values = np.zeros((len(docs), *self.sums.shape))  # [m, K, 5]
+        for i, d in enumerate(docs):
+            at = d["lengths"]
+            for k, (nll, tokens, n_bytes) in enumerate(zip(at["nll"], at["tokens"], at["bytes"])):
+                if nll is not None:
+                    values[i, k] = (nll, tokens, n_bytes, 1.0, perplexity(nll, tokens) or 0.0)
+        self.sums += values.sum(axis=0)
+        if weights is not None:
+            self.resampled += np.einsum("bm,mkc->bkc", weights, values)
+
+    def points(self, seed: int, confidence: float = 0.95) -> list[dict]:
+        """Per length (in order): documents, tokens, nll_sum, token_perplexity (micro),
+        mean_document_perplexity (macro), bits_per_byte, and each one's percentile interval."""
+        out = []
+        for k, (nll, tokens, n_bytes, documents, perplexities) in enumerate(self.sums):
+            point = {
+                "documents": int(documents),
+                "tokens": int(tokens),
+                "nll_sum": float(nll),
+                "token_perplexity": perplexity(nll, int(tokens)),
+                "mean_document_perplexity": float(perplexities / documents) if documents else None,
+                "bits_per_byte": float(nll / (n_bytes * LN2)) if n_bytes else None,
+                "bootstrap": None,
+            }
+            if self.samples and documents:
+                r = self.resampled[:, k, :].T  # [5, B]
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                    point["bootstrap"] = {
+                        "confidence": confidence,
+                        "samples": self.samples,
+                        "seed": seed,
+                        "method": "poisson",
+                        "token_perplexity": percentile_interval(np.exp(r[0] / r[1]), confidence),
+                        "mean_document_perplexity": percentile_interval(r[4] / r[3], confidence),
+                        "bits_per_byte": percentile_interval(r[0] / (r[2] * LN2), confidence),
+                    }
+            out.append(point)
         return out
 
 

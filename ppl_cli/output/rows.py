@@ -1,44 +1,54 @@
 """Tokenized documents -> per-document rows: windows batched through the scorer, one row a document.
 
-Consecutive documents are scored in groups of about GROUP_BATCHES batches (their windows sorted by
-length and packed together), and each group's rows are handed on as soon as it is done. Groups
-depend only on the documents' lengths, so a resumed run skips finished groups whole and scores
-the rest with exactly the batches an uninterrupted run would use.
+Consecutive documents are planned in groups of about GROUP_BATCHES batches (their windows sorted by
+length and packed together), and the batches of a group run in the order of the first document
+each holds, so documents finish in input order as the batches go. A document's row is handed on
+(written, printed) once its last window is scored and every document before it is done: at once,
+or with the other rows that finish within FLUSH_S seconds (one write, one fsync and one token part
+for all of them). Groups and their batches depend only on the documents' lengths, so a resumed run
+skips finished groups whole and scores the rest with exactly the batches an uninterrupted run uses.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from ..engine.conventions import Windowing, conditional_windows, first_token_replacement, windows
-from ..engine.tokenizing import Tokenized
+from ..engine.tokenizing import Tokenized, digest_hex
+from ..engine.windows import Window
 from .kl_statistics import REFERENCE_SUMS, document_histograms
 from .metrics import count_bytes, count_words, unit_metrics
 from .run_directory import CONTEXTS_STEM, REFERENCE_STEM
 from .signals import document_signals
+from .word_export import WordExport
 
-GROUP_BATCHES = 8  # a group of documents fills about this many batches before its rows are written
+GROUP_BATCHES = 8  # a group of documents fills about this many batches
+FLUSH_S = 2.0  # a finished document's row waits at most about this long for the rows finishing after it
 
 
 @dataclass
 class Tally:
-    """What one process did: documents scored now, skipped (by group; None: not grouped), and tokens scored now."""
+    """What one process did: documents scored now, skipped (by group; None: not grouped), of those the
+    ones too short for --lengths, and tokens scored now."""
 
     scored: int = 0
     skipped: Counter = field(default_factory=Counter)
+    short: int = 0
     tokens: int = 0
 
 
 @dataclass
 class RowSink:
-    """Where score_stream hands its rows: append(rows, side) stores a group's new rows, `side`
-    holding per-document lines for the files beside documents.jsonl (contexts.jsonl,
-    reference.jsonl); on_rows(rows), when given, gets every row in input order as soon as it is
-    final, scored now or by an earlier run (--jsonl)."""
+    """Where score_stream hands its rows: append(rows, side) stores new rows, `side` holding
+    per-document lines for the files beside documents.jsonl (contexts.jsonl, reference.jsonl);
+    on_rows(rows), when given, gets every row in input order as soon as it is final, scored now or
+    by an earlier run (--jsonl)."""
 
     append: Callable[[list[dict], dict[str, list[dict]]], None]
     on_rows: Callable[[list[dict]], None] | None = None
@@ -48,56 +58,184 @@ class RowSink:
             self.on_rows(rows)
 
 
-def score_stream(
-    scorer, items: Iterable[Tokenized], windowing: Windowing, sink: RowSink, progress, stop, retokenize, write_tokens=None, signals_k: float | None = None
-) -> Tally:
-    """Score every document of `items` not done yet, a group at a time, and hand each group's rows
-    to `sink`, after write_tokens([(index, positions, per-token values)]) when tokens are saved.
-    `signals_k`: add each document's --signals with that k (the scorer keeps entropy and z).
+@dataclass(frozen=True)
+class RowExtras:
+    """What a document's row gets besides its metrics, each None when the run does not ask for it."""
 
-    `stop.check()` runs after every batch (a signal ends the run there); an error from `items`
-    (bad input further on) is raised after the documents read before it are scored and written.
+    write_tokens: Callable[[list[tuple]], None] | None = None  # --save-tokens: [(item, positions, values)] -> one Parquet part
+    signals_k: float | None = None  # --signals, with this k (the scorer keeps entropy and z)
+    words: WordExport | None = None  # --save-words (the scorer keeps the word-start classes, and those after the last token)
+
+
+class Flusher:
+    """When the rows that are ready get written: after a batch, once FLUSH_S seconds have passed
+    since the last write, or sooner when the next batch is expected to end after that (so that a
+    slow batch never holds finished rows back). The expectation is the last batch's time per padded
+    token times the next batch's padded tokens."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self.last = clock()
+        self.per_token = 0.0
+
+    def timed(self, padded_tokens: int, seconds: float) -> None:
+        self.per_token = seconds / max(padded_tokens, 1)
+
+    def due(self, next_padded_tokens: int) -> bool:
+        return self.clock() - self.last + next_padded_tokens * self.per_token >= self.interval
+
+    def wrote(self) -> None:
+        self.last = self.clock()
+
+
+class Part(NamedTuple):
+    """A job's place in its group: the document (its position in the group), which of its sequences
+    (`pass_` of the document's own passes, or `alone`: --ifd's continuation scored alone), the window."""
+
+    doc: int
+    pass_: int
+    alone: int | None
+    window: Window | None
+
+
+def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, sink: RowSink, progress, stop, retokenize, extras: RowExtras = RowExtras()) -> Tally:
+    """Score every document of `items` not done yet and hand each one's row to `sink` (after its
+    tokens to extras.write_tokens) as it finishes, in input order.
+
+    `stop.check()` runs after every batch (a signal ends the run there, after the rows that are
+    ready are written); an error from `items` (bad input further on) is raised after the documents
+    read before it are scored and written.
     """
     tally = Tally()
-
-    def on_tokens(n):
-        progress.update(tokens=n)
-        stop.check()
-
-    def score_group(group: list[Tokenized]):
-        fresh = [item for item in group if item.done is None]
-        if not fresh:  # finished by an earlier run
+    flusher = Flusher(FLUSH_S)
+    for group in document_groups(items, scorer.max_batch_tokens * GROUP_BATCHES, tally):
+        if all(item.done is not None for item in group):  # finished by an earlier run
             progress.update(tokens=sum(item.done["tokens"] for item in group), documents=len(group), scored=False)
             sink.final([item.done for item in group])
-            return
-        if len(fresh) < len(group):  # a group an earlier run left half-written: score it whole again
+            continue
+        if any(item.done is not None for item in group):  # a group an earlier run left half-written: score it whole again
             group = [item if item.ids is not None else retokenize(item) for item in group]
-        sequences = [item.ids for item in group] + [ids for item in group for ids in item.alone]  # --ifd: each continuation alone too
-        spans = [item.spans for item in group] + [None] * (len(sequences) - len(group))
-        scores = score_documents(scorer, sequences, windowing, on_tokens, spans)
-        alone = iter(scores[len(group) :])
-        fresh_scores = [(item, s, [next(alone) for _ in item.alone]) for item, s in zip(group, scores[: len(group)])]
-        fresh_scores = [(item, s, a) for item, s, a in fresh_scores if item.done is None]
-        values = [(item, s, token_values(s)) for item, s, _ in fresh_scores]
-        rows = [document_result(item, s, windowing, a) for item, s, a in fresh_scores]
-        if signals_k is not None:
-            for row, (item, _, v) in zip(rows, values):
-                row.update(document_signals(v, scored_texts(item), signals_k, row))
-        side = {CONTEXTS_STEM: [context_line(item.index, s, v["nll"]) for item, s, v in values]}
-        if scorer.reference is not None:
-            side[REFERENCE_STEM] = [document_histograms(item.index, v) for item, _, v in values]
-        if write_tokens is not None:
-            write_tokens([(item, scored_positions(s), v) for item, s, v in values])
-        sink.append(rows, side)
-        new = iter(rows)
-        sink.final([item.done or next(new) for item in group])
-        tally.scored += len(rows)
-        tally.tokens += sum(row["tokens"] for row in rows)
-        progress.update(documents=len(group))
-
-    for group in document_groups(items, scorer.max_batch_tokens * GROUP_BATCHES, tally):
-        score_group(group)
+        GroupScoring(group, scorer, windowing, sink, progress, extras, tally, flusher).run(stop)
     return tally
+
+
+class GroupScoring:
+    """One group's jobs, run batch by batch, its documents handed on as they finish."""
+
+    def __init__(self, group: list[Tokenized], scorer, windowing: Windowing, sink: RowSink, progress, extras: RowExtras, tally: Tally, flusher: Flusher):
+        self.group, self.scorer, self.windowing = group, scorer, windowing
+        self.sink, self.progress, self.extras, self.tally, self.flusher = sink, progress, extras, tally, flusher
+        self.jobs, self.parts = [], []
+        self.passes = []  # each document's number of passes
+        self.doc_jobs: list[list[int]] = [[] for _ in group]  # each document's jobs, in order
+        for d, item in enumerate(group):
+            passes = item.passes(windowing)
+            self.passes.append(len(passes))
+            for p, (ids, pass_windows) in enumerate(passes):
+                self.add(ids, pass_windows, Part(d, p, None, None), tail=extras.words is not None and p == len(passes) - 1)
+            for k, ids in enumerate(item.alone):  # --ifd: each continuation alone too
+                self.add(ids, windows(len(ids), windowing), Part(d, 0, k, None))
+        self.results: list = [None] * len(self.jobs)
+        self.remaining = [len(jobs) for jobs in self.doc_jobs]
+        self.done = 0  # documents of the group handed on
+        self.ready = 0  # documents after those whose every job is scored
+
+    def add(self, ids, pass_windows: list[Window], where: Part, tail: bool = False) -> None:
+        """The jobs of a pass over ids; `tail`: its last window also scores the word-start classes after the last token."""
+        for k, w in enumerate(pass_windows):
+            self.doc_jobs[where.doc].append(len(self.jobs))
+            self.jobs.append(window_job(ids, w, self.windowing, tail and k == len(pass_windows) - 1))
+            self.parts.append(where._replace(window=w))
+
+    def run(self, stop) -> None:
+        batches = sorted(self.scorer.plan(self.jobs), key=lambda batch: min(self.parts[i].doc for i in batch))
+        for k, batch in enumerate(batches):
+            started = time.perf_counter()
+            for i, scored in zip(batch, self.scorer.score_batch([self.jobs[i] for i in batch])):
+                self.results[i] = scored
+                self.remaining[self.parts[i].doc] -= 1
+            self.flusher.timed(padded(self.jobs, batch), time.perf_counter() - started)
+            self.progress.update(tokens=sum(self.jobs[i].scored for i in batch))
+            while self.done + self.ready < len(self.group) and not self.remaining[self.done + self.ready]:
+                self.ready += 1
+            following = padded(self.jobs, batches[k + 1]) if k + 1 < len(batches) else 0
+            if self.ready and (stop.signum is not None or self.flusher.due(following)):
+                self.hand_on()
+            stop.check()
+        self.hand_on()
+
+    def hand_on(self) -> None:
+        """The ready documents' rows (and tokens, words and lines beside them) written and handed on."""
+        if not self.ready:
+            return
+        finished = [self.collected(d) for d in range(self.done, self.done + self.ready)]
+        rows, side = self.new_rows([f for f in finished if f[0].done is None])
+        if rows:
+            self.sink.append(rows, side)
+        new = iter(rows)
+        self.sink.final([item.done or next(new) for item, _, _ in finished])
+        self.tally.scored += len(rows)
+        self.tally.tokens += sum(row["tokens"] for row in rows)
+        self.progress.update(documents=len(finished))
+        self.done += self.ready
+        self.ready = 0
+        self.flusher.wrote()
+
+    def collected(self, d: int) -> tuple[Tokenized, list[list[tuple]], list[list[tuple]]]:
+        """Document d, its passes' and its continuations' (--ifd) windows with what the scorer found, in order."""
+        passes: list[list[tuple]] = [[] for _ in range(self.passes[d])]
+        alone: list[list[tuple]] = [[] for _ in self.group[d].alone]
+        for i in self.doc_jobs[d]:
+            part = self.parts[i]
+            (alone[part.alone] if part.alone is not None else passes[part.pass_]).append((part.window, self.results[i]))
+            self.results[i] = None  # its per-token values are not held past its document
+        return self.group[d], passes, alone
+
+    def new_rows(self, fresh: list[tuple]) -> tuple[list[dict], dict[str, list[dict]]]:
+        """The rows of documents scored now and their lines beside documents.jsonl; their tokens'
+        and words' Parquet parts written (before the rows, so that a row on disk has them)."""
+        rows = [document_result(item, passes[-1], self.windowing, alone) for item, passes, alone in fresh]
+        values = [(item, passes[-1], token_values(passes[-1])) for item, passes, _ in fresh]
+        for row, (item, passes, _), (_, scored, kept) in zip(rows, fresh, values):
+            if self.windowing.lengths:
+                row["lengths"] = length_sums(item, passes, self.windowing)
+            if self.extras.signals_k is not None:
+                row.update(document_signals(kept, scored_texts(item), self.extras.signals_k, row))
+        side = {CONTEXTS_STEM: [{**context_line(item.index, s, v["nll"]), "digest": digest_hex(item.index, item.document)} for item, s, v in values]}
+        if self.scorer.reference is not None:
+            side[REFERENCE_STEM] = [document_histograms(item.index, v) for item, _, v in values]
+        if self.extras.words is not None and values:
+            tables = []
+            for row, (item, s, v) in zip(rows, values):
+                table, sums = self.extras.words.document(item, v, s[-1][1].tail)
+                row.update(sums)
+                tables.append(table)
+            self.extras.words.write(tables)
+        if self.extras.write_tokens is not None and values:
+            self.extras.write_tokens([(item, scored_positions(s), v) for item, s, v in values])
+        return rows, side
+
+
+def padded(jobs: Sequence, batch: list[int]) -> int:
+    """Tokens a batch's forward pass reads, padding included."""
+    return len(batch) * max(jobs[i].reads for i in batch)
+
+
+def window_job(ids, w: Window, windowing: Windowing, tail: bool = False):
+    """The scorer's job for window w of a token sequence: its span (llama-cpp: the first token
+    replaced by BOS), the context before the scored tokens, and the tokens the model reads."""
+    import torch
+
+    from ..engine.scorer import Job
+
+    span = torch.as_tensor(ids[w.begin : w.end], dtype=torch.long)  # [m]
+    replacement = first_token_replacement(windowing)
+    if replacement is not None:
+        span = span.clone()
+        span[0] = replacement
+    # Read the whole span when it fits the window (the recipe's shape); lm-eval's spans are
+    # window + 1 tokens, of which the model reads the first `window`, as lm-eval does.
+    return Job(span, w.score_from - w.begin, min(len(span), windowing.window), tail)
 
 
 def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> Iterator[list[Tokenized]]:
@@ -114,7 +252,9 @@ def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> It
         if item is None:
             break
         if item.skipped:
-            tally.skipped[item.document.group] += 1
+            if not item.bad:
+                tally.skipped[item.document.group] += 1
+                tally.short += item.short
             continue
         group.append(item)
         size += item.length
@@ -128,25 +268,14 @@ def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> It
 def score_documents(
     scorer, sequences: Sequence, windowing: Windowing, on_tokens: Callable[[int], None] | None, spans: Sequence | None = None
 ) -> list[list[tuple]]:
-    """For each token sequence, its windows with what the scorer found (Scored), in order. A
-    sequence with scored `spans` (a document given a context) gets the conditional windows."""
-    import torch
-
-    from ..engine.scorer import Job
-
-    replacement = first_token_replacement(windowing)
+    """For each token sequence, its windows with what the scorer found (Scored), in order, all at
+    once (benchmarks and tests; runs go through score_stream). A sequence with scored `spans` (a
+    document given a context) gets the conditional windows."""
     jobs, owners = [], []
     for d, ids in enumerate(sequences):
-        tokens = torch.as_tensor(ids, dtype=torch.long)  # [n]
         scored_spans = spans[d] if spans is not None else None
         for w in windows(len(ids), windowing) if scored_spans is None else conditional_windows(scored_spans, windowing):
-            span = tokens[w.begin : w.end]
-            if replacement is not None:
-                span = span.clone()
-                span[0] = replacement
-            # Read the whole span when it fits the window (the recipe's shape); lm-eval's spans are
-            # window + 1 tokens, of which the model reads the first `window`, as lm-eval does.
-            jobs.append(Job(span, w.score_from - w.begin, min(len(span), windowing.window)))
+            jobs.append(window_job(ids, w, windowing))
             owners.append((d, w))
     scored: list[list[tuple]] = [[] for _ in sequences]
     for (d, w), result in zip(owners, scorer.score(jobs, on_tokens)):
@@ -196,7 +325,7 @@ def document_result(item: Tokenized, scored: list[tuple], windowing: Windowing, 
     sums = summed(scored)
     tokens = sum(w.end - w.score_from for w, _ in scored)
     counted = scored_texts(item)
-    words = sum(count_words(text, windowing.convention) for text in counted)
+    words = len(doc.words) if doc.words is not None else sum(count_words(text, windowing.convention) for text in counted)
     n_bytes = sum(count_bytes(text) for text in counted)
     row = {"index": item.index, "id": doc.id, **({"group": doc.group} if doc.group is not None else {})}
     row.update(unit_metrics(sums["nll_sum"], tokens, words, n_bytes))
@@ -220,8 +349,40 @@ def document_result(item: Tokenized, scored: list[tuple], windowing: Windowing, 
 
 
 def scored_texts(item: Tokenized) -> tuple[str, ...]:
-    """The text a document's words, bytes and zlib size count: all of it, or what is scored of it."""
-    return item.counted if item.counted is not None else (item.document.text,)
+    """The text a document's words, bytes and zlib size count: all of it, what is scored of it, or
+    (the --lengths prefix protocol) the text of its cut."""
+    if item.counted is not None:
+        return item.counted
+    if item.cuts is not None:
+        return (item.document.text[: max(c for c in item.cuts if c is not None)],)
+    return (item.document.text,)
+
+
+def length_sums(item: Tokenized, passes: list[list[tuple]], windowing: Windowing) -> dict:
+    """A --lengths document's NLL, scored tokens, words and bytes at each length (null where it is
+    shorter): with a stride, each length's pass; else its prefix of L tokens, which scores L - 1
+    tokens, from that length's pass or as a prefix sum of the one pass (float64, in token order)."""
+    text = item.document.text
+    out: dict[str, list] = {"nll": [], "tokens": [], "words": [], "bytes": []}
+    reached = iter(passes)
+    prefix_sums = None
+    if windowing.protocol == "prefix" and not windowing.per_length:
+        prefix_sums = np.cumsum(token_values(passes[0])["nll"].astype(np.float64))
+    for length, cut in zip(windowing.lengths, item.cuts):
+        if cut is None:
+            for values in out.values():
+                values.append(None)
+            continue
+        if windowing.protocol == "sliding" or windowing.per_length:
+            scored = next(reached)
+            nll, tokens = summed(scored)["nll_sum"], sum(w.end - w.score_from for w, _ in scored)
+        else:
+            nll, tokens = float(prefix_sums[length - 2]), length - 1
+        out["nll"].append(nll)
+        out["tokens"].append(tokens)
+        out["words"].append(count_words(text[:cut]))
+        out["bytes"].append(count_bytes(text[:cut]))
+    return out
 
 
 def context_cut(scored: list[tuple], spans) -> bool:

@@ -172,13 +172,15 @@ class RunDirectory:
             previous = json.loads(run_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise PplError(f"{run_file} is unreadable; use --overwrite to start afresh", EXIT_OUTPUT) from None
-        key = differing_key(identity, previous)
+        key = differing_key(identity, previous, skip=GROWING)
         if key:
             raise PplError(
                 f"{self.path} holds a run with a different {key} ({previous.get(key)!r}, now {identity.get(key)!r});"
                 " use --overwrite to replace it or another -o",
                 EXIT_OUTPUT,
             )
+        if previous.get(GROWING) != identity.get(GROWING):  # files edited since: each finished document is checked as it is read
+            write_atomic(run_file, json.dumps(identity, indent=2) + "\n")
         for stem in self.stems():
             parts = self.row_files(stem)
             runs = {path: ascending_runs(path) for path in parts}
@@ -193,11 +195,34 @@ class RunDirectory:
                 self.snapshot[stem] = self.whole(stem).stat().st_size
                 self.last_index[stem] = last_index(self.whole(stem))
 
+    def done_count(self) -> int:
+        """How many rows an earlier run finished (the lines of documents.jsonl as begin() found it)."""
+        left = self.snapshot.get(DOCUMENTS_STEM, 0)
+        if not left:
+            return 0
+        count = 0
+        with open(self.documents, "rb") as f:
+            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                count += chunk.count(b"\n")
+                left -= len(chunk)
+        return count
+
     def done_rows(self) -> Iterator[dict]:
         """The rows an earlier run finished, in index order (read lazily, as the run goes)."""
         if not self.documents.exists():
             return iter(())
         return read_rows(self.documents, 0, self.snapshot.get(DOCUMENTS_STEM, self.documents.stat().st_size))
+
+    def done_documents(self) -> Iterator[tuple[dict, str | None]]:
+        """Each finished row with the digest its document had when it was scored (contexts.jsonl's
+        `digest`; None from a run that did not record it), in index order."""
+        contexts = self.whole(CONTEXTS_STEM)
+        lines = read_rows(contexts, 0, self.snapshot[CONTEXTS_STEM]) if CONTEXTS_STEM in self.snapshot else iter(())
+        line = next(lines, None)
+        for row in self.done_rows():
+            while line is not None and line["index"] < row["index"]:
+                line = next(lines, None)
+            yield row, line.get("digest") if line is not None and line["index"] == row["index"] else None
 
     def append(self, rows: list[dict], side: dict[str, list[dict]] | None = None) -> None:
         """A group's lines: the per-document files beside documents.jsonl first, then its rows, so a
@@ -281,6 +306,9 @@ def tabled(rows: Iterable[dict], table) -> Iterator[dict]:
     for row in rows:
         table.writerow(row)
         yield row
+
+
+GROWING = "data_files"  # may change between a run and its resumption: the finished documents' digests are checked instead
 
 
 def differing_key(a: dict, b: dict, skip: str | None = None) -> str | None:

@@ -7,6 +7,7 @@ import math
 import platform
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 
 from ..config import Config
@@ -17,6 +18,16 @@ from ..errors import EXIT_DATA, PplError
 from .estimates import corpus_estimate, group_interval, macro_estimate, rate
 from .kl_statistics import HISTOGRAMS, Histogram, reference_summary
 from .metrics import accumulate, perplexity, unit_metrics
+
+
+@dataclass(frozen=True)
+class Unscored:
+    """What a run read but did not score, besides empty documents: documents too short for
+    --lengths (they are counted as skipped too), and with --skip-bad-records the records it passed
+    over ({"count": N, "first": [{"record", "error"}, ...]}; None without the option)."""
+
+    short: int = 0
+    bad: dict | None = None
 
 
 def build_summary(
@@ -30,17 +41,26 @@ def build_summary(
     reference_info: dict | None = None,
     reference: Iterable[dict] = (),
     contexts: Iterable[dict] = (),
+    unscored: Unscored = Unscored(),
 ) -> dict:
     """`rows`: every scored document's row in index order. `skipped`: the documents with nothing to
-    score, by group (None: not grouped). `timings`: wall_time_s, scoring_time_s and the tokens
-    scored in that time (scored_now), which gives tokens_per_second. With a reference model, its
-    description and the documents' lines of reference.jsonl."""
+    score, by group (None: not grouped); `unscored`: of those the ones too short for --lengths, and
+    the records --skip-bad-records passed over. `timings`: wall_time_s, scoring_time_s and the
+    tokens scored in that time (scored_now), which gives tokens_per_second. With a reference model,
+    its description and the documents' lines of reference.jsonl."""
     totals = accumulate(rows, config.bootstrap_samples, config.seed, grouped=config.group_by is not None)
     metrics = totals.metrics()
     if "signals" in metrics:
         metrics["signals"] = {"k": config.min_k, **metrics["signals"]}
+    points = metrics.pop("length_points", [])
     scored_now, scoring = timings["scored_now"], timings["scoring_time_s"]
     extra = {"context_curve": context_curve(contexts)}
+    if windowing.lengths:
+        extra["length_curve"] = length_curve(windowing, points, unscored.short)
+    if unscored.bad is not None:
+        extra["bad_records"] = unscored.bad
+    if config.save_words:  # the words' surprisals, corrected (unless the correction is off), over the words that have one
+        extra["word_perplexity_corrected"] = perplexity(totals.extras.get("word_surprisal_sum", 0.0), int(totals.extras.get("scored_words", 0)))
     if reference_info is not None:
         histograms = {name: Histogram() for name in HISTOGRAMS}
         for line in reference:
@@ -79,6 +99,8 @@ def group_summary(config: Config, totals, skipped: Mapping[str | None, int]) -> 
     for name in names:
         group = totals.groups.get(name)
         metrics = group.metrics(config.seed) if group is not None else empty_group_metrics()
+        if "length_points" in metrics:
+            metrics["length_curve"] = [{"length": length, **point} for length, point in zip(config.lengths, metrics.pop("length_points"))]
         groups[name] = {"documents": group.documents if group else 0, "skipped_documents": skipped.get(name, 0), **metrics}
     if names and names == [MISSING_GROUP] and config.group_by not in SOURCE_KEYS:
         raise PplError(f"--group-by {config.group_by}: no record has this field (every document is in {MISSING_GROUP!r})", EXIT_DATA)
@@ -134,6 +156,22 @@ def conditional_summary(config: Config, totals) -> dict:
     return out
 
 
+def length_curve(windowing: Windowing, points: list[dict], short: int) -> dict:
+    """--lengths: how the lengths were scored and, for each, its documents and metrics with intervals."""
+    described = windowing.describe()
+    if not points:  # no document reached any length (a shard of short documents)
+        points = [{"documents": 0, "tokens": 0, "nll_sum": 0.0, "token_perplexity": None, "mean_document_perplexity": None,
+                   "bits_per_byte": None, "bootstrap": None} for _ in windowing.lengths]  # fmt: skip
+    return {
+        "protocol": windowing.protocol,
+        "passes": described["passes"],
+        **({"length_dependence": windowing.length_dependence} if windowing.length_dependence else {}),
+        "min_tokens": windowing.min_tokens,
+        "too_short_documents": short,
+        "points": [{"length": length, **point} for length, point in zip(windowing.lengths, points)],
+    }
+
+
 def context_curve(lines: Iterable[dict]) -> dict:
     """Mean NLL of the scored tokens by how many tokens their window let the model read before them."""
     nll: list[float] = []
@@ -175,10 +213,12 @@ def data_description(sources: list[Source], config: Config, documents: int, fing
 
 
 def run_identity(
-    config: Config, model_info: dict, sources: list[Source], windowing: Windowing, reference_info: dict | None, conditional: dict | None = None
-) -> dict:
+    config: Config, model_info: dict, sources: list[Source], windowing: Windowing, reference_info: dict | None, conditional: dict | None = None,
+    words: dict | None = None,
+) -> dict:  # fmt: skip
     """What run.json records: what must not change when a run resumes, or between shards to merge.
-    `conditional`: how documents are scored given a context (the mode, the chat template's hash)."""
+    `conditional`: how documents are scored given a context (the mode, the chat template's hash);
+    `words`: --save-words' field and whether the correction is on."""
     return {
         "model": config.model,
         "revision": config.revision,
@@ -190,12 +230,14 @@ def run_identity(
         "window": windowing.window,
         "stride": windowing.stride,
         "add_bos": windowing.add_bos,
+        **({"lengths": list(windowing.lengths), "protocol": windowing.protocol, "min_tokens": windowing.min_tokens} if windowing.lengths else {}),
         "reference_model": config.reference_model,
         "reference_dtype": reference_info["dtype"] if reference_info else None,
         "save_tokens": config.save_tokens,
         "conditional": conditional,
         **({"sampling": {"share": config.sample, "per_group": config.sample_per_group, "seed": config.seed}} if config.sampled else {}),
         **({"signals": {"min_k": config.min_k}} if config.signals else {}),
+        **({"words": words} if words else {}),
     }
 
 
@@ -252,16 +294,22 @@ def format_summary(summary: dict) -> str:
         return f"  (95% CI {number(interval[0])} - {number(interval[1])})" if interval else ""
 
     skipped = summary["skipped_documents"]
+    short = (summary.get("length_curve") or {}).get("too_short_documents", 0)
+    bad = (summary.get("bad_records") or {}).get("count", 0)
     lines = [
-        f"{summary['model']['id']} on {summary['data']['source']}: {summary['documents']} documents"
-        + (f" ({skipped} empty skipped)" if skipped else "")
-        + f", {summary['tokens']:,} tokens scored",
+        f"{summary['model']['id']} on {summary['data']['source']}: {counted(summary['documents'], 'document')}"
+        + (f" ({skipped - short:,} empty skipped)" if skipped - short else "")
+        + (f" ({bad:,} bad record{'s' * (bad != 1)} skipped, the first: {summary['bad_records']['first'][0]['error']})" if bad else "")
+        + f", {counted(summary['tokens'], 'token')} scored",
         f"token perplexity  {number(summary['token_perplexity'])}{ci('token_perplexity')}"
         f"  macro mean {number(summary['macro_token_perplexity'])}",
         f"word perplexity   {number(summary['word_perplexity'])}",
         f"byte perplexity   {number(summary['byte_perplexity'])}",
         f"bits per byte     {number(summary['bits_per_byte'])}{ci('bits_per_byte')}",
     ]
+    if "word_perplexity_corrected" in summary:  # --save-words
+        correction = "corrected at word starts" if summary["bow_correction"]["on"] else "plain sums, no correction"
+        lines.insert(3, f"word perplexity   {number(summary['word_perplexity_corrected'])} from the saved words ({correction})")
     conditional = summary.get("conditional")
     if conditional:
         cut = conditional["context_cut_documents"]
@@ -275,6 +323,8 @@ def format_summary(summary: dict) -> str:
             lines.append(f"IFD               {number(ifd['mean_ifd'])} mean over documents, {number(ifd['corpus_ifd'])} over the corpus")
     if "signals" in summary:
         lines.append(signal_line(summary["signals"]))
+    if "length_curve" in summary:
+        lines += length_lines(summary["length_curve"])
     if "estimate" in summary:
         estimate, plan = summary["estimate"], summary["sampling"]
         interval = (estimate.get("bootstrap") or {}).get("token_perplexity")
@@ -287,11 +337,31 @@ def format_summary(summary: dict) -> str:
         )
     if "groups" in summary:
         lines += group_lines(summary)
-    lines += [
-        f"{summary['wall_time_s']:.1f} s in all, {summary['tokens_per_second'] or 0:,.0f} tokens/s scoring"
-        + (f"; reports in {summary['config']['output']}" if summary["config"]["output"] else ""),
-    ]
+    speed = f"{summary['tokens_per_second']:,.0f} tokens/s scoring" if summary["tokens_per_second"] else "nothing left to score: an earlier run had finished every document"
+    lines += [f"{summary['wall_time_s']:.1f} s in all, {speed}" + (f"; reports in {summary['config']['output']}" if summary["config"]["output"] else "")]
     return "\n".join(lines)
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 document', '2,345 documents'."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
+def length_lines(curve: dict) -> list[str]:
+    """A line per --lengths length: documents, token perplexity with its interval, the mean of the
+    documents' perplexities, bits per byte."""
+    how = f"{curve['protocol']} protocol, {'one pass' if curve['passes'] == 'one' else 'a pass per length'}"
+    short = curve["too_short_documents"]
+    lines = [
+        f"by context length ({how}; documents of at least {curve['min_tokens']:,} tokens"
+        + (f", {short:,} shorter skipped" if short else "") + "):",
+        f"  {'length':>8}  {'documents':>9}  {'token perplexity (95% CI)':<34}  {'mean document ppl':>17}  {'bits/byte':>9}",
+    ]  # fmt: skip
+    for p in curve["points"]:
+        interval = (p.get("bootstrap") or {}).get("token_perplexity")
+        ppl = number(p["token_perplexity"]) + (f" ({number(interval[0])} - {number(interval[1])})" if interval else "")
+        lines.append(f"  {p['length']:>8,}  {p['documents']:>9,}  {ppl:<34}  {number(p['mean_document_perplexity']):>17}  {number(p['bits_per_byte']):>9}")
+    return lines
 
 
 SIGNAL_LABELS = {"min_k": "Min-K%", "min_k_plus_plus": "Min-K%++", "zlib_ratio": "zlib ratio", "mean_entropy": "entropy", "reference_ratio": "reference ratio"}

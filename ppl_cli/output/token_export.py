@@ -21,8 +21,8 @@ TOKENS_DIR = "tokens"
 COLUMNS = ("index", "position", "token_id", "token", "logprob", "entropy", "rank")  # then z with --signals, ref_logprob, kld with a reference
 
 
-def part_path(folder: Path, first_index: int) -> Path:
-    return folder / TOKENS_DIR / f"part-{first_index:012d}.parquet"
+def part_path(folder: Path, first_index: int, subdir: str = TOKENS_DIR) -> Path:
+    return folder / subdir / f"part-{first_index:012d}.parquet"
 
 
 class TokenPieces:
@@ -99,8 +99,8 @@ def with_context(columns: dict, item) -> dict:
     return out
 
 
-def write_part(folder: Path, tables: list[dict]) -> None:
-    """One group's documents as one Parquet part, written to a temp file and renamed."""
+def write_part(folder: Path, tables: list[dict], subdir: str = TOKENS_DIR) -> None:
+    """Documents' tables as one Parquet part of folder/subdir, written to a temp file and renamed."""
     import pyarrow as pa
 
     if not tables:
@@ -111,8 +111,11 @@ def write_part(folder: Path, tables: list[dict]) -> None:
         for name in (*VALUES, "turn"):
             if name in columns:
                 columns[name] = pa.array(columns[name], mask=context)
+    for name, column in columns.items():  # NaN (a word without a surprisal) as null
+        if isinstance(column, np.ndarray) and column.dtype.kind == "f":
+            columns[name] = pa.array(column, from_pandas=True)
     table = pa.table(columns)
-    path = part_path(folder, int(tables[0]["index"][0]))
+    path = part_path(folder, int(tables[0]["index"][0]), subdir)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with writing(path):
         path.parent.mkdir(exist_ok=True)
@@ -137,14 +140,13 @@ def concat(parts: list):
     return sum(parts, []) if isinstance(parts[0], list) else np.concatenate(parts)
 
 
-def keep_only_done(folder: Path, done: Iterable[int]) -> None:
-    """Cut every part down to the documents whose rows are in documents.jsonl (a resumed run).
-
-    The finished documents are marked in a bitmap of one byte a document index, held meanwhile.
+def keep_only_done(folder: Path, done: Iterable[int], subdir: str = TOKENS_DIR) -> None:
+    """Cut every part of folder/subdir down to the documents whose rows are in documents.jsonl (a
+    resumed run). The finished documents are marked in a bitmap of one byte a document index, held meanwhile.
     """
     import pyarrow.parquet as pq
 
-    parts = sorted((folder / TOKENS_DIR).glob("part-*.parquet"))
+    parts = sorted((folder / subdir).glob("part-*.parquet"))
     if not parts:
         return
     indices = np.fromiter(done, dtype=np.int64)
@@ -164,8 +166,8 @@ def keep_only_done(folder: Path, done: Iterable[int]) -> None:
             write_parquet(table, part.with_name(f".{part.name}.tmp"), part)
 
 
-def copy_parts(sources: list[Path], target: Path, offsets: list[int] | None = None) -> None:
-    """merge: the runs' parts into one tokens/ folder, hard-linked where the filesystem allows; with
+def copy_parts(sources: list[Path], target: Path, offsets: list[int] | None = None, subdir: str = TOKENS_DIR) -> None:
+    """merge: the runs' parts into one folder (tokens/, words/), hard-linked where the filesystem allows; with
     `offsets` (runs over different data, one after the other) each part rewritten with its run's
     offset added to every index."""
     import pyarrow as pa
@@ -174,9 +176,9 @@ def copy_parts(sources: list[Path], target: Path, offsets: list[int] | None = No
 
     for k, source in enumerate(sources):
         offset = offsets[k] if offsets else 0
-        for part in sorted((source / TOKENS_DIR).glob("part-*.parquet")):
+        for part in sorted((source / subdir).glob("part-*.parquet")):
             first = int(part.stem.removeprefix("part-"))
-            destination = part_path(target, first + offset)
+            destination = part_path(target, first + offset, subdir)
             with writing(destination):
                 destination.parent.mkdir(exist_ok=True)
                 if offset:

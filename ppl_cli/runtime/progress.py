@@ -1,7 +1,10 @@
-"""The progress bar on stderr: documents, tokens and tokens/s as they are scored.
+"""The progress bar on stderr: tokens and documents scored against the total, with a rate and an ETA.
 
-The total of a streamed corpus is rarely known. The bar fills, and its ETA comes, from the bytes
-read out of the input files' size (or documents out of --limit); otherwise it counts tokens.
+Reading runs far ahead of scoring (the input is read and tokenized in a background thread), so
+the bar counts what is scored, never what is read. Its total is the tokens to score: exact once
+the reader has reached the end of the input; before that, estimated from the reader's tokens per
+byte and the input's size in bytes (files), or, where the size is unknown (stdin, the hub), the
+tokens the reader has seen so far, shown with a "+".
 """
 
 from __future__ import annotations
@@ -9,47 +12,66 @@ from __future__ import annotations
 import sys
 import time
 
-REFRESH_S = 0.5  # the bar is redrawn at least this often while documents are scored
+REFRESH_S = 0.5  # the bar is redrawn at most this often
+BAR = "{{desc}}: {{percentage:3.0f}}%|{{bar}}| {}"  # tqdm's layout, then the counts
 
 
 class Progress:
-    def __init__(self, stream, limit: int | None, enabled: bool):
+    def __init__(self, read, total_bytes: int | None, enabled: bool, clock=time.perf_counter):
+        """`read`: what the reader has seen (engine.tokenizing.ReadTally: documents, tokens, bytes, finished)."""
         from tqdm.auto import tqdm
 
-        self.stream = stream
-        self.total_bytes = None if limit else stream.total_bytes
-        self.limit = limit
+        self.read, self.total_bytes, self.clock = read, total_bytes, clock
         self.documents = self.tokens = self.scored_now = 0
-        self.started = self.shown = time.perf_counter()
-        eta = " [{elapsed}<{remaining}]"
-        if self.total_bytes:  # "scoring:  11%|█    | 45.2MB/400MB, 12,345 docs, 1.2M tok, 3.4k tok/s [00:10<01:20]"
-            total, fmt_ = self.total_bytes, "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B{postfix}" + eta
-        elif limit:
-            total, fmt_ = limit, "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} documents read{postfix}" + eta
-        else:
-            total, fmt_ = None, "{desc}{postfix} [{elapsed}]"
-        self.bar = tqdm(
-            total=total, unit_scale=True, desc="scoring", disable=not enabled, file=sys.stderr, smoothing=0.1, bar_format=fmt_
-        )
+        self.started = self.shown = clock()
+        self.bar = tqdm(total=1, desc="scoring", disable=not enabled, file=sys.stderr, bar_format=BAR.format(""))
 
     def update(self, tokens: int = 0, documents: int = 0, scored: bool = True) -> None:
-        """`tokens` more tokens and `documents` more documents are done (scored now if `scored`)."""
+        """`tokens` more tokens and `documents` more documents are done (scored now, or by an earlier run)."""
         self.tokens += tokens
         self.documents += documents
         if scored:
             self.scored_now += tokens
-        if self.bar.disable:
+        now = self.clock()
+        if self.bar.disable or now - self.shown < REFRESH_S:
             return
-        position = self.stream.counter.bytes if self.total_bytes else self.stream.count if self.limit else self.tokens
-        self.bar.update(position - self.bar.n)
-        now = time.perf_counter()
-        rate = self.scored_now / max(now - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{self.documents:,} docs, {fmt(self.tokens)} tok, {fmt(rate)} tok/s", refresh=False)
-        if now - self.shown >= REFRESH_S:  # the counts move even when the bytes read do not (a file read ahead whole)
+        self.shown = now
+        self.draw(now)
+
+    def total(self) -> tuple[float, str]:
+        """The tokens to score in all, and how it is known: "" exact, "~" estimated from the bytes, "+" at least."""
+        read = self.read
+        if read.finished:
+            return read.tokens, ""
+        if self.total_bytes and read.bytes:
+            return max(read.tokens * self.total_bytes / read.bytes, read.tokens), "~"
+        return read.tokens, "+"
+
+    def line(self, now: float) -> tuple[float, str]:
+        """The share done and the text after the bar: "1.2k/~36k tokens, 3/6 documents, 58 tok/s, 2:10 left"."""
+        total, how = self.total()
+        total = max(total, self.tokens)
+        elapsed = now - self.started
+        rate = self.scored_now / elapsed if elapsed > 0 else 0.0
+        documents = f"{self.documents:,}/{self.read.documents:,}" if self.read.finished else f"{self.documents:,}"
+        text = f"{fmt(self.tokens)}/{'~' if how == '~' else ''}{fmt(total)}{'+' if how == '+' else ''} tokens, {documents} documents"
+        if rate:
+            text += f", {fmt(rate)} tok/s"
+            if how != "+" and total > self.tokens:
+                text += f", {'~' if how else ''}{clock_time((total - self.tokens) / rate)} left"
+        return (self.tokens / total if total else 0.0), text
+
+    def draw(self, now: float, refresh: bool = True) -> None:
+        share, text = self.line(now)
+        self.bar.n = min(share, 1.0)
+        self.bar.bar_format = BAR.format(text.replace("{", "{{").replace("}", "}}"))
+        if refresh:
             self.bar.refresh()
-            self.shown = now
 
     def close(self) -> None:
+        """The final counts, drawn once as the bar closes."""
+        if not self.bar.disable:
+            self.draw(self.clock(), refresh=False)
         self.bar.close()
 
 
@@ -57,3 +79,9 @@ def fmt(n: float) -> str:
     from tqdm import tqdm
 
     return tqdm.format_sizeof(n)
+
+
+def clock_time(seconds: float) -> str:
+    from tqdm import tqdm
+
+    return tqdm.format_interval(seconds)
