@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .config import Config
+from .config import DEFAULT_MODEL, Config
 from .data.sources import TEXTS_PREFIX
 from .errors import PplError
 from .output.run_directory import Result
@@ -55,7 +55,7 @@ def text_record(item: str | dict, text_field: str, k: int) -> dict:
     raise PplError(f"score: text {k} is a {type(item).__name__}, not a string or a record (dict)")
 
 
-def load(model: str = "smollm2-135m", **options: Any) -> tuple[Any, Any]:
+def load(model: str = DEFAULT_MODEL, **options: Any) -> tuple[Any, Any]:
     """A model and its tokenizer, loaded as `ppl-eval run --model MODEL` loads them (options: revision,
     dtype, device, device_map, quantize, ...), to score many lists without loading it again."""
     from .engine.loading import load_model

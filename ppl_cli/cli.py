@@ -42,12 +42,10 @@ class OneLineErrors(click.Group):
             return super().main(*args, **kwargs)
         try:
             return super().main(*args, **{**kwargs, "standalone_mode": False})
-        except click.UsageError as e:
-            where = f" (see {' '.join(['ppl-eval', *e.ctx.command_path.split()[1:]])} --help)" if e.ctx is not None else ""
+        except click.ClickException as e:  # a UsageError knows its command: its --help is named
+            ctx = getattr(e, "ctx", None)
+            where = f" (see {' '.join(['ppl-eval', *ctx.command_path.split()[1:]])} --help)" if ctx is not None else ""
             click.echo(f"ppl-eval: error: {' '.join(e.format_message().split())}{where}", err=True)
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            click.echo(f"ppl-eval: error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:
             click.echo("ppl-eval: error: interrupted", err=True)

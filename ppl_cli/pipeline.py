@@ -361,7 +361,9 @@ def kept_token_values(config: Config, word_classes: bool = False) -> tuple[str, 
     if config.signals:
         keep += ["entropy", "z"]
     if word_classes:
-        keep += ["bow", "bow_eos", "not_bow"]
+        from .engine.scorer import CLASS_VALUES
+
+        keep += CLASS_VALUES
     return tuple(dict.fromkeys(keep))
 
 
@@ -404,8 +406,8 @@ def begin_run(run_dir: RunDirectory, ranks, identity: dict) -> None:
             done = run_dir.done_count()
             if done:
                 logger.info("resuming: %s of an earlier run are done in %s", counted(done, "document"), run_dir.path)
-            for folder in [TOKENS_DIR] * identity["save_tokens"] + [WORDS_DIR] * bool(identity.get("words")):
-                keep_only_done(run_dir.path, (row["index"] for row in run_dir.done_rows()), folder)  # parts of rows a kill cut off are written anew
+            folders = [TOKENS_DIR] * identity["save_tokens"] + [WORDS_DIR] * bool(identity.get("words"))
+            keep_only_done(run_dir.path, (row["index"] for row in run_dir.done_rows()), folders)  # parts of rows a kill cut off are written anew
         except PplError as e:
             status = (str(e), e.exit_code)
     status = ranks.broadcast(status)

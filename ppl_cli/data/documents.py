@@ -69,7 +69,7 @@ class DocumentStream:
                 doc = to_document(record, self.config)
                 break
             except PplError as e:
-                if not (self.config.skip_bad_records and e.exit_code == EXIT_DATA):
+                if not self.skips(e):
                     raise
         if doc.group == MISSING_GROUP:
             warnings.warn(
@@ -77,6 +77,10 @@ class DocumentStream:
                 PplWarning,
                 stacklevel=2,
             )
+
+    def skips(self, error: PplError) -> bool:
+        """Whether --skip-bad-records passes over the record that raised `error` (bad data, not a bad option)."""
+        return self.config.skip_bad_records and error.exit_code == EXIT_DATA
 
     def error_of(self, record: Record) -> str:
         try:
@@ -99,7 +103,7 @@ class DocumentStream:
                 try:
                     doc = to_document(record, self.config)
                 except PplError as e:  # a record that cannot be read: passed over (its index kept) with --skip-bad-records
-                    if not (self.config.skip_bad_records and e.exit_code == EXIT_DATA):
+                    if not self.skips(e):
                         raise
                     self.bad.add(where(record), str(e))
                     continue

@@ -118,7 +118,6 @@ def resolve_windowing(config, lm) -> Windowing:
     return windowing
 
 
-
 def tokenizer_adds_bos(tokenizer) -> bool:
     ids = tokenizer("a").input_ids
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id

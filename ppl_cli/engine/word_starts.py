@@ -45,12 +45,12 @@ def find_word_starts(tokenizer, vocab_size: int) -> WordStarts | str:
         space = tokenizer(" ", add_special_tokens=False).input_ids
     except Exception:
         space = []
+    special = set(tokenizer.all_special_ids)
     marker = tokenizer.convert_ids_to_tokens(space[0])[:1] if space else ""
-    if marker not in MARKERS or space[0] in tokenizer.all_special_ids:
+    if marker not in MARKERS or space[0] in special:
         shown = repr(tokenizer.convert_ids_to_tokens(space[0])) if space else "no token"
         return f"its tokenizer marks no word start with a leading space (a space is {shown}, not {' or '.join(MARKERS)})"
     starts = np.zeros(vocab_size, dtype=bool)
-    special = set(tokenizer.all_special_ids)
     for token, i in tokenizer.get_vocab().items():
         if i < vocab_size and i not in special:
             starts[i] = token.startswith(marker)

@@ -140,13 +140,14 @@ def concat(parts: list):
     return sum(parts, []) if isinstance(parts[0], list) else np.concatenate(parts)
 
 
-def keep_only_done(folder: Path, done: Iterable[int], subdir: str = TOKENS_DIR) -> None:
-    """Cut every part of folder/subdir down to the documents whose rows are in documents.jsonl (a
-    resumed run). The finished documents are marked in a bitmap of one byte a document index, held meanwhile.
+def keep_only_done(folder: Path, done: Iterable[int], subdirs: Iterable[str] = (TOKENS_DIR,)) -> None:
+    """Cut every part of each folder/subdir (tokens/, words/) down to the documents whose rows are in
+    documents.jsonl (a resumed run). The finished documents are marked in a bitmap of one byte a
+    document index, read from `done` once and held meanwhile.
     """
     import pyarrow.parquet as pq
 
-    parts = sorted((folder / subdir).glob("part-*.parquet"))
+    parts = [part for subdir in subdirs for part in sorted((folder / subdir).glob("part-*.parquet"))]
     if not parts:
         return
     indices = np.fromiter(done, dtype=np.int64)

@@ -42,7 +42,7 @@ class WordExport:
             classes = {"bow": values["bow"], "not_bow": values["not_bow"], "end": tail["bow_eos"]}
         s = surprisals(words, self.head, values["nll"], classes, item.ids, self.starts)
         scored = ~np.isnan(s.corrected)
-        total = float(s.corrected[scored].sum())
+        total, count = float(s.corrected[scored].sum()), int(scored.sum())
         table = {
             "index": np.full(len(spans), item.index, dtype=np.int64),
             "id": [doc.id] * len(spans),
@@ -56,7 +56,7 @@ class WordExport:
             "uncorrected_surprisal": s.uncorrected,
             "shared_token": words.shared,
         }
-        row = {"word_surprisal_sum": total, "scored_words": int(scored.sum()), "word_perplexity_corrected": perplexity(total, int(scored.sum()))}
+        row = {"word_surprisal_sum": total, "scored_words": count, "word_perplexity_corrected": perplexity(total, count)}
         return table, row
 
     def write(self, tables: list[dict]) -> None:
