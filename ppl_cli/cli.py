@@ -21,13 +21,14 @@ from .config import (
     DOC_SPLITS,
     DTYPES,
     ENCODING_ERRORS,
+    ENGINES,
     QUANTIZATIONS,
     QUANTIZE_ALIASES,
     SELECT_FORMATS,
     SELECT_METRICS,
     build_config,
 )
-from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning, first_line
+from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning, Stopped, first_line
 
 # Loggers that speak when transformers imports them, whether or not a run uses them: torchao's
 # "Failed to load" of its CUDA kernels on a CPU machine, torch's pytree deprecation notes.
@@ -48,7 +49,7 @@ class OneLineErrors(click.Group):
             click.echo(f"ppl-eval: error: {' '.join(e.format_message().split())}{where}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:
-            click.echo("ppl-eval: error: interrupted", err=True)
+            click.echo("ppl-eval: interrupted", err=True)
             sys.exit(130)
 
 
@@ -74,6 +75,12 @@ def cli():
 @optgroup.option("--quantize", type=click.Choice([*QUANTIZATIONS, *QUANTIZE_ALIASES]), help="Quantize the model while it loads (bitsandbytes, torchao, quanto; int8, int4: torchao-int8, bnb-4bit).")
 @optgroup.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
 @optgroup.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
+@optgroup.group("Engine")
+@optgroup.option("--engine", type=click.Choice(ENGINES), help="What computes the log-probabilities: transformers (default) or vllm (docs/engines.md).")
+@optgroup.option("--tensor-parallel-size", type=int, help="vllm: GPUs each layer is split over.")
+@optgroup.option("--pipeline-parallel-size", type=int, help="vllm: stages of layers on successive GPUs or nodes (with --vllm-arg distributed_executor_backend=ray).")
+@optgroup.option("--gpu-memory-utilization", type=float, help="vllm: the share of each GPU's memory it may use (its CPU build: of RAM).")
+@optgroup.option("--vllm-arg", "vllm_args", multiple=True, metavar="KEY=VALUE", help="vllm: any engine argument, repeatable; the value read as JSON where it parses (quantization=fp8, kv_cache_dtype=fp8).")
 @optgroup.group("Data")
 @optgroup.option("--data", multiple=True, help="A file (.jsonl/.json/.csv/.parquet/.txt/.md/.tokens, each also .gz/.bz2/.xz/.zst), a quoted glob, a directory, a URL, - for stdin, wikitext or a hub dataset id; repeat for several, read in order. Default: python-docstrings.")
 @optgroup.option("--data-config", help="Hub dataset configuration name.")
@@ -332,13 +339,19 @@ def guarded(work, debug: bool):
     """Run `work`; any failure becomes one line on stderr and an exit code."""
     try:
         return work()
+    except Stopped as e:  # the user's own stop: said, not an error
+        click.echo(f"ppl-eval: {e}", err=True)
+        sys.exit(e.exit_code)
     except PplError as e:
         fail(str(e), e.exit_code, debug)
     except BrokenPipeError:  # the reader of stdout went away (`| head`): end quietly, as `yes | head` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe at exit
         sys.exit(EXIT_BROKEN_PIPE)
-    except KeyboardInterrupt:
-        fail("interrupted", 130, debug)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a run's scoring
+        if debug:
+            traceback.print_exc()
+        click.echo("ppl-eval: interrupted", err=True)
+        sys.exit(130)
     except Exception as e:  # a bug or an unexpected library error: still one line, unless --debug
         fail(f"unexpected {type(e).__name__}: {first_line(e)} (rerun with --debug for the traceback)", 1, debug)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from .errors import PplError
 
+ENGINES = ("transformers", "vllm")  # what computes the log-probabilities (docs/engines.md)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")  # --attn-implementation, as from_pretrained takes it
 QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-int4", "quanto-int8", "quanto-int4")  # --quantize
@@ -52,6 +54,12 @@ class Config:
     revisions: tuple[str, ...] = ()  # or several hub revisions of `model`
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt weights, which can run code while unpickling
+    # Engine: what turns the windows into log-probabilities
+    engine: str = "transformers"  # transformers (this process) or vllm
+    tensor_parallel_size: int | None = None  # vllm: GPUs each layer is split over (None: vLLM's default, 1)
+    pipeline_parallel_size: int | None = None  # vllm: stages of layers on successive GPUs or nodes (None: 1)
+    gpu_memory_utilization: float | None = None  # vllm: the share of each GPU's memory it may use (its CPU build: of RAM)
+    vllm_args: tuple[str, ...] = ()  # vllm: any engine argument as KEY=VALUE, the value read as JSON where it parses
     # A reference model P scored on the same windows: KL(P || Q) and llama.cpp's statistics
     reference_model: str | None = None
     reference_dtype: str = "auto"
@@ -94,7 +102,7 @@ class Config:
     lengths: tuple[int, ...] = ()  # "2048,4096" or "1024:8192:1024" as the CLI gives it
     min_tokens: int | None = None  # the prefix protocol's bar (None: the largest length); documents shorter are skipped
     allow_beyond_context: bool = False  # a window or length longer than the model's configured context
-    # Engine
+    # Performance
     max_batch_tokens: int | None = None  # None: chosen for the device
     threads: int | None = None  # None: torch's default (all cores)
     # Statistics
@@ -122,6 +130,9 @@ class Config:
         if isinstance(self.score_roles, str):  # "assistant,user" as the CLI gives it
             object.__setattr__(self, "score_roles", tuple(r.strip() for r in self.score_roles.split(",") if r.strip()))
         object.__setattr__(self, "score_roles", as_tuple(self.score_roles))
+        if isinstance(self.vllm_args, dict):  # a YAML mapping
+            object.__setattr__(self, "vllm_args", tuple(f"{k}={json.dumps(v)}" for k, v in self.vllm_args.items()))
+        object.__setattr__(self, "vllm_args", as_tuple(self.vllm_args))
         check_types(self)
         object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
         for name in ("dtype", "reference_dtype"):
@@ -169,6 +180,7 @@ class Config:
             raise PplError(f"sampling documents needs a convention that scores each document on its own, not {self.convention}")
         self.check_lengths()
         self.check_words()
+        self.check_engine()
 
     def check_lengths(self) -> None:
         if not self.lengths:
@@ -199,6 +211,42 @@ class Config:
             other = f"--convention {self.convention}"
         if other:
             raise PplError(f"--save-words scores plain documents under the default convention, one pass each: not with {other}")
+
+    def check_engine(self) -> None:
+        """The engine's own options, and the options only the transformers engine has (the values
+        that need each position's whole distribution, which vLLM does not return, among them)."""
+        if self.engine not in ENGINES:
+            raise PplError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        given = [f"--{name.replace('_', '-')}" for name in ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization") if getattr(self, name) is not None]
+        given += ["--vllm-arg"] if self.vllm_args else []
+        if self.engine != "vllm":
+            if given:
+                raise PplError(f"{given[0]} applies to --engine vllm")
+            return
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PplError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise PplError(f"--gpu-memory-utilization is a share of the memory in (0, 1], not {self.gpu_memory_utilization}")
+        parse_engine_args(self.vllm_args)
+        instead = {
+            "device_map": "--device-map places layers for the transformers engine; vLLM spreads a model with --tensor-parallel-size and --pipeline-parallel-size",
+            "quantize": "--quantize is the transformers engine's; vLLM quantizes with --vllm-arg quantization=NAME (fp8, ...) or loads a quantized checkpoint",
+            "attn_implementation": "--attn-implementation is the transformers engine's; vLLM chooses its own attention kernels",
+            "threads": "--threads sets torch's threads for the transformers engine; vLLM's CPU build takes VLLM_CPU_OMP_THREADS_BIND",
+            "reference_model": "--reference-model needs each position's whole distribution (for KL), which --engine vllm does not return; use --engine transformers",
+        }
+        for name, why in instead.items():
+            if getattr(self, name):
+                raise PplError(why)
+        if self.device != "auto":
+            raise PplError("--device: vLLM runs where its build does (CUDA_VISIBLE_DEVICES picks the GPUs); leave --device out with --engine vllm")
+        if self.save_words and self.bow_correction is not False:
+            raise PplError(
+                "--save-words' beginning-of-word correction needs each position's whole distribution, which --engine vllm does not return;"
+                " add --no-bow-correction for uncorrected word surprisals, or use --engine transformers"
+            )
 
     @property
     def sampled(self) -> bool:
@@ -343,6 +391,49 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     if not lengths:
         raise PplError("--lengths needs at least one length")
     return tuple(sorted(set(lengths)))
+
+
+ENGINE_OWN_ARGS = {  # vLLM arguments ppl-eval sets, -> the option that sets them
+    "model": "--model",
+    "tokenizer": "--model (ppl-eval tokenizes)",
+    "skip_tokenizer_init": "nothing (ppl-eval tokenizes)",
+    "revision": "--revision",
+    "dtype": "--dtype",
+    "trust_remote_code": "--trust-remote-code",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "pipeline_parallel_size": "--pipeline-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+}
+ENGINE_PERFORMANCE_ARGS = {  # vLLM arguments that decide how fast, not what: a run may resume with others
+    "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "distributed_executor_backend", "swap_space", "cpu_offload_gb",
+    "block_size", "compilation_config", "disable_custom_all_reduce", "enable_chunked_prefill", "scheduling_policy", "max_model_len",
+    "data_parallel_size", "kv_cache_memory_bytes", "num_gpu_blocks_override", "seed",
+}  # fmt: skip
+ENGINE_FIXED_ARGS = {  # vLLM arguments whose value the log-probabilities depend on -> (the value, why)
+    "enable_prefix_caching": (False, "with prefix caching, prompt log-probabilities change with the order of requests (vLLM #42019)"),
+    "logprobs_mode": ("raw_logprobs", "ppl-eval scores the model's own log-softmax, before any logits processing"),
+}
+
+
+def parse_engine_args(pairs: tuple[str, ...]) -> dict:
+    """--vllm-arg KEY=VALUE, each value read as JSON where it parses (true, 0.5, {"a": 1}), else as text."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise PplError(f"--vllm-arg takes KEY=VALUE (quantization=fp8, kv_cache_dtype=fp8), not {pair!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if key in ENGINE_OWN_ARGS:
+            raise PplError(f"--vllm-arg {key}: ppl-eval sets it from {ENGINE_OWN_ARGS[key]}")
+        if key in ENGINE_FIXED_ARGS and value != ENGINE_FIXED_ARGS[key][0]:
+            fixed, why = ENGINE_FIXED_ARGS[key]
+            raise PplError(f"--vllm-arg {key} must stay {json.dumps(fixed)}: {why}")
+        out[key] = value
+    return out
 
 
 def parse_shard(text: str) -> tuple[int, int]:

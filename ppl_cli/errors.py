@@ -17,6 +17,10 @@ class PplError(Exception):
         self.exit_code = exit_code
 
 
+class Stopped(PplError):
+    """A stop the user asked for (SIGINT, SIGTERM): said in one line, not as an error."""
+
+
 class PplWarning(UserWarning):
     """Something the user should know that does not stop the run; the CLI prints it as one line."""
 

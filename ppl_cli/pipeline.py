@@ -1,6 +1,6 @@
 """evaluate(config): the stages wired together.
 
-sources -> documents (a stream) -> token ids (a background thread) -> groups of windows -> scorer
+sources -> documents (a stream) -> token ids (a background thread) -> groups of windows -> engine
 -> per-document rows (appended to documents.jsonl) -> one pass over the rows -> summary.json.
 Memory follows the work in flight, not the corpus: nothing holds every document or every row.
 """
@@ -25,7 +25,7 @@ from .data.sampling import sampled
 from .data.sharding import share
 from .data.sources import resolve_sources
 from .engine.conventions import JOINED_CONVENTIONS, prefix, resolve_windowing
-from .errors import EXIT_DATA, PplError, PplWarning
+from .errors import EXIT_DATA, PplError, PplWarning, Stopped
 from .output.run_directory import Result, RunDirectory, WriteError, csv_columns
 from .output.summary import Unscored, build_summary, counted, data_description, run_identity
 from .output.token_export import TOKENS_DIR, keep_only_done
@@ -95,6 +95,8 @@ def evaluate_ranks(config: Config, ranks, caller: Caller) -> Result:
         raise PplError("--data - (standard input) cannot be shared between torchrun ranks; use a file")
     if ranks.world > 1 and config.device_map:
         raise PplError("--device-map spreads one model over the GPUs; under torchrun each rank has its own GPU (--device auto)")
+    if ranks.world > 1 and config.engine == "vllm":
+        raise PplError("--engine vllm runs one engine over the GPUs it is given (--tensor-parallel-size); split the data with --shard I/N job arrays, not torchrun")
     sources = resolve_sources(config)
     plan = sample_plan(config, sources, caller.texts) if config.sampled else None
     mine = sampled(share(config.shard, ranks.rank, ranks.world, joined_convention(config)), plan)
@@ -111,13 +113,20 @@ def evaluate_ranks(config: Config, ranks, caller: Caller) -> Result:
 
 
 def score_into(setup: Setup, caller: Caller) -> Result:
-    """Load the model (or take the caller's), score this process's documents into the run
-    directory, and (rank 0) write the summary."""
+    """Load the model (or take the caller's) for its engine, score this process's documents into
+    the run directory, and (rank 0) write the summary."""
+    from .engine.vllm_engine import from_llm, is_vllm, open_model
+
+    config, ranks = setup.config, setup.ranks
+    if caller.model is not None and is_vllm(caller.model):
+        setup.config = config.replace(engine="vllm")
+        return score_with(setup, caller, from_llm(caller.model, caller.tokenizer, setup.config))
+    if config.engine == "vllm":
+        return score_with(setup, caller, open_model(config))
     import torch
 
     from .engine.loading import in_memory, load_model, state_kept
 
-    config, ranks = setup.config, setup.ranks
     if config.threads:
         torch.set_num_threads(config.threads)
     if caller.model is None:  # a tokenizer alone: one already loaded for this model (a series shares one)
@@ -127,34 +136,83 @@ def score_into(setup: Setup, caller: Caller) -> Result:
 
 
 def score_with(setup: Setup, caller: Caller, lm) -> Result:
-    from .engine.length_probe import configured_dependence
+    """Score with `lm`, a model loaded for the transformers engine (LoadedModel) or one vLLM is about to run (VllmModel)."""
     from .engine.loading import load_reference
-    from .engine.scorer import Scorer
-    from .engine.tokenizing import Encoder, ReadTally, background, joined_document, tallied, tokenize_batch, tokenize_documents
-    from .output.rows import RowExtras, RowSink, score_stream
-    from .runtime.progress import Progress
 
-    config, ranks, run_dir, stream = setup.config, setup.ranks, setup.run_dir, setup.stream
-    windowing = length_passes(resolve_windowing(config, lm), lm)
+    config, run_dir, ranks = setup.config, setup.run_dir, setup.ranks
+    windowing = resolve_windowing(config, lm)
     ref = load_reference(config, windowing, lm.tokenizer, ranks.local_rank) if config.reference_model else None
     conditional = conditional_sequences(config, lm, windowing)
     words = word_export(config, lm, windowing, run_dir)
     identity = run_identity(config, lm.info, setup.sources, windowing, ref and ref.info, conditional and conditional.identity, words and words.identity)
     begin_run(run_dir, ranks, identity)
+    with stop_signals() as stop:  # from here to the summary: a stop keeps what is finished, and after the last document lets the run end whole
+        try:
+            engine = start_engine(config, lm, windowing, ref, words, own=caller.model is None)
+        except PplError:  # vLLM's processes got the terminal's Ctrl-C too, and did not start
+            if stop.signum is None:
+                raise
+            raise stopped(stop.signum, 0 if run_dir.spool else run_dir.done_count(), run_dir) from None
+        try:
+            windowing = length_passes(windowing, engine)
+            return score_run(setup, caller, lm, engine, Scoring(windowing, conditional, words, ref), stop)
+        finally:
+            engine.close()
 
-    batch_tokens = config.max_batch_tokens or default_batch_tokens(lm.device, windowing.window)
-    own = caller.model is None  # a model of ours: the process is ours to tune too
-    reference = Scorer(ref.model, ref.device, batch_tokens, tune_memory=own) if ref else None
-    scorer = Scorer(
-        lm.model, lm.device, batch_tokens, reference, keep=kept_token_values(config, words is not None and words.classes is not None), tune_memory=own, one_window=lm.one_window,
-        fresh_positions=windowing.per_length or configured_dependence(lm.model) is not None, word_classes=words and words.classes,
-    )  # fmt: skip
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a run scores with, besides its model: the windowing and the run's extras (None where not asked for)."""
+
+    windowing: Any
+    conditional: Any  # ConditionalRun
+    words: Any  # WordRun
+    ref: Any  # the reference model (LoadedModel)
+
+
+def start_engine(config: Config, lm, windowing, ref, words, own: bool):
+    """The engine that scores the windows: vLLM's for a VllmModel, else the transformers engine over
+    lm (and the reference model beside it). `own`: the model is ours, and the process too."""
+    from .engine.base import WHOLE_DISTRIBUTION
+
+    keep = kept_token_values(config, words is not None and words.classes is not None)
+    batch_tokens = config.max_batch_tokens
+    if config.engine == "vllm":
+        engine = lm.start(config, windowing.window, keep, batch_tokens)
+    else:
+        from .engine.length_probe import configured_dependence
+        from .engine.transformers_engine import TransformersEngine
+
+        batch_tokens = batch_tokens or default_batch_tokens(lm.device, windowing.window)
+        reference = TransformersEngine(ref.model, ref.device, batch_tokens, tune_memory=own) if ref else None
+        engine = TransformersEngine(
+            lm.model, lm.device, batch_tokens, reference, keep=keep, tune_memory=own, one_window=lm.one_window,
+            fresh_positions=configured_dependence(lm.model) is not None, word_classes=words and words.classes,
+        )  # fmt: skip
+    missing = list(dict.fromkeys(WHOLE_DISTRIBUTION[value] for value in keep if value not in engine.keeps and value in WHOLE_DISTRIBUTION))
+    if missing:
+        named = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        warnings.warn(
+            f"{named} need each position's whole distribution, which --engine {engine.name} does not return: left out (null)",
+            PplWarning,
+            stacklevel=2,
+        )
+    return engine
+
+
+def score_run(setup: Setup, caller: Caller, lm, engine, scoring: Scoring, stop) -> Result:
+    from .engine.tokenizing import Encoder, ReadTally, background, joined_document, tallied, tokenize_batch, tokenize_documents
+    from .output.rows import RowExtras, RowSink, Tally, score_stream
+    from .runtime.progress import Progress
+
+    config, ranks, run_dir, stream = setup.config, setup.ranks, setup.run_dir, setup.stream
+    windowing, conditional, words, ref = scoring.windowing, scoring.conditional, scoring.words, scoring.ref
     write_tokens = token_writer(run_dir.path, lm.tokenizer) if config.save_tokens else None
     encode = Encoder(lm.tokenizer, offsets=config.save_words)
     if (windowing.lengths or config.save_words) and not encode.has_offsets:
         raise PplError(f"{'--lengths' if windowing.lengths else '--save-words'} needs a fast tokenizer (one with character offsets), and this model's has none")
     sink = RowSink(run_dir.append, caller.on_rows if ranks.world == 1 else None)
-    read = ReadTally()
+    read, tally = ReadTally(), Tally()
     bar = Progress(read, None if config.limit else stream.total_bytes, caller.progress and ranks.main)
     sequences = conditional and conditional.sequences
     scoring_started = time.perf_counter()
@@ -163,12 +221,13 @@ def score_with(setup: Setup, caller: Caller, lm) -> Result:
             batches = joined_document(stream, encode, windowing, run_dir.done_documents())
         else:
             batches = tokenize_documents(stream, encode, windowing, run_dir.done_documents(), sequences, stream.bad if config.skip_bad_records else None)
-        with stop_signals() as stop, background(tallied(batches, read, stream.counter, windowing)) as items:
+        with background(tallied(batches, read, stream.counter, windowing)) as items:
             retokenize = lambda item: tokenize_batch([(item.index, item.document, None)], encode, windowing, sequences)[0]  # noqa: E731
             extras = RowExtras(write_tokens, config.min_k if config.signals else None, words and words.export)
-            tally = score_stream(scorer, items, windowing, sink, bar, stop, retokenize, extras)
+            score_stream(engine, items, windowing, sink, bar, stop, retokenize, extras, tally)
     except Interrupted as e:
-        raise stopped(e.signum, bar.documents, run_dir) from None
+        if not (read.finished and bar.documents >= read.documents):  # a stop after the last document: the run is whole
+            raise stopped(e.signum, bar.documents, run_dir) from None
     finally:
         bar.close()
     scoring_time = time.perf_counter() - scoring_started
@@ -207,17 +266,17 @@ def score_with(setup: Setup, caller: Caller, lm) -> Result:
     return Result(summary, run_dir.documents, setup.spool)
 
 
-def length_passes(windowing, lm):
+def length_passes(windowing, engine):
     """--lengths' prefix protocol: one pass at the largest length, or a pass per length where the
-    model's logits depend on the input's length (said in one line, and recorded in the windowing)."""
-    from .engine.length_probe import length_dependence
-
+    model's logits depend on the input's length (said in one line, and recorded in the windowing;
+    the transformers engine then resets the model's position scaling before each pass)."""
     if windowing.protocol != "prefix" or len(windowing.lengths) < 2:
         return windowing
-    why = length_dependence(lm.model, lm.device, windowing.lengths[0], windowing.lengths[-1])
+    why = engine.length_dependence(windowing.lengths[0], windowing.lengths[-1])
     if why is None:
         return windowing
     warnings.warn(f"--lengths: each length is scored in its own pass, because {why}", PplWarning, stacklevel=2)
+    engine.fresh_positions = True
     return replace(windowing, per_length=True, length_dependence=why)
 
 
@@ -318,7 +377,7 @@ class WordRun:
     """--save-words: how words are scored, and what run.json and summary.json record of it."""
 
     export: Any  # output.word_export.WordExport
-    classes: Any  # torch.Tensor [V, 3]: the word-start classes the scorer sums (None: no correction)
+    classes: Any  # torch.Tensor [V, 3]: the word-start classes the engine sums (None: no correction)
     identity: dict
     described: dict
 
@@ -350,7 +409,7 @@ def word_export(config: Config, lm, windowing, run_dir: RunDirectory) -> WordRun
 
 
 def kept_token_values(config: Config, word_classes: bool = False) -> tuple[str, ...]:
-    """The per-token values the scorer hands back: the NLL (for contexts.jsonl), a reference's KL
+    """The per-token values the engine hands back: the NLL (for contexts.jsonl), a reference's KL
     and delta p (reference.jsonl), for --save-tokens entropy and rank too, for --signals entropy and z,
     for --save-words with the correction (`word_classes`) the word-start classes."""
     keep = ["nll"]
@@ -361,7 +420,7 @@ def kept_token_values(config: Config, word_classes: bool = False) -> tuple[str, 
     if config.signals:
         keep += ["entropy", "z"]
     if word_classes:
-        from .engine.scorer import CLASS_VALUES
+        from .engine.base import CLASS_VALUES
 
         keep += CLASS_VALUES
     return tuple(dict.fromkeys(keep))
@@ -415,14 +474,14 @@ def begin_run(run_dir: RunDirectory, ranks, identity: dict) -> None:
         raise PplError(*status)
 
 
-def stopped(signum: int, documents: int, run_dir: RunDirectory) -> PplError:
+def stopped(signum: int, documents: int, run_dir: RunDirectory) -> Stopped:
     import signal
 
     name = signal.Signals(signum).name
     if run_dir.spool:
-        return PplError(f"stopped by {name}: {counted(documents, 'document')} scored but not saved (use -o DIR to keep them)", 128 + signum)
+        return Stopped(f"stopped by {name}: {counted(documents, 'document')} scored but not saved (use -o DIR to keep them)", 128 + signum)
     saved = "1 document is" if documents == 1 else f"{documents:,} documents are"
-    return PplError(f"stopped by {name}: {saved} saved in {run_dir.path}; run the same command to resume", 128 + signum)
+    return Stopped(f"stopped by {name}: {saved} saved in {run_dir.path}; run the same command to resume", 128 + signum)
 
 
 def default_batch_tokens(device, window: int) -> int:

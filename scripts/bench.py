@@ -10,6 +10,7 @@
     python scripts/bench.py --dtypes float32 --signals --repeat 3   # and what --signals costs a run
     python scripts/bench.py --dtypes float32 --save-words --repeat 3   # and what --save-words costs a run
     python scripts/bench.py --device cuda --shape llama-1b.json --lm-eval-batch auto   # a random model of that shape
+    python scripts/bench.py --dtypes float32 --engine vllm     # and vLLM's engine (compiled, and eager), start-up apart
 
 The articles are joined into one document and tokenized without special tokens, so every run
 scores exactly the tokens the recipe scores. Each engine prints scored tokens/s, tokens/s through
@@ -27,7 +28,12 @@ model's weights by a seeded random model of that Llama configuration (speed only
 means nothing), the text still tokenized by `--model`'s tokenizer. On CUDA each ppl-eval row also
 gives the share of its time the GPU spends outside the forward passes (CUDA events around each
 batch's forward against wall time: tokenizing, batching, copies; launch gaps inside a forward are
-not counted).
+not counted). `--engine vllm` adds ppl-eval's vLLM engine on the same windows (every window
+submitted at once, as a run's group is), run by the Python of a vLLM environment (`--vllm-python`,
+default $PPL_EVAL_VLLM_PYTHON or scripts/vllm_venv.sh's), twice: vLLM's default (its model compiled
+while the engine starts) and with enforce_eager; each row's start-up (loading, and for vLLM its
+workers, profiling and compiling) is timed apart from its scoring. Its work runs in vLLM's own
+processes, so its peak memory is not this process's and is left out.
 """
 
 from __future__ import annotations
@@ -54,10 +60,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ppl_cli import Config  # noqa: E402
 from ppl_cli.data.documents import load_documents  # noqa: E402
 from ppl_cli.data.records import Document  # noqa: E402
-from ppl_cli.engine import scorer as scorer_module  # noqa: E402
+from ppl_cli.engine import transformers_engine as scorer_module  # noqa: E402
 from ppl_cli.engine.conventions import Windowing, windows  # noqa: E402
 from ppl_cli.engine.loading import SLOW_MATMUL_RATIO, load_model, resolve_device  # noqa: E402
-from ppl_cli.engine.scorer import Job, Scorer  # noqa: E402
+from ppl_cli.engine.base import Job  # noqa: E402
+from ppl_cli.engine.transformers_engine import TransformersEngine as Scorer  # noqa: E402
 from ppl_cli.engine.tokenizing import Encoder, Tokenized  # noqa: E402
 from ppl_cli.engine.windows import lm_eval_windows, sliding_windows  # noqa: E402
 from ppl_cli.engine.word_starts import find_word_starts  # noqa: E402
@@ -97,12 +104,16 @@ def main() -> None:
                         help="instead: one steady-state window, the engines taking turns ROUNDS times in this "
                         "one process (compute alone, resistant to drift; see paired_windows)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine, print its row
+    parser.add_argument("--engine", choices=["vllm"], help="also ppl-eval's vLLM engine (needs a vLLM environment)")
+    parser.add_argument("--vllm-python", help="the Python of an environment with vLLM (default: $PPL_EVAL_VLLM_PYTHON, else scripts/vllm_venv.sh's)")
+    parser.add_argument("--vllm-arg", action="append", default=[], help="vLLM engine arguments for the vLLM rows, KEY=VALUE (as ppl-eval run's)")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of the GPU (its CPU build: of RAM)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one engine, print its row
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.engine:
-        print(json.dumps(run_engine(args)))
+    if args.child:
+        print(json.dumps(run_vllm(args) if args.child.startswith("vllm") else run_engine(args)))
         return
     if args.paired:
         paired_windows(args)
@@ -128,6 +139,8 @@ def main() -> None:
         engines.append("signals:float32")
     if args.save_words:
         engines.append("words:float32")
+    if args.engine == "vllm":
+        engines += [f"vllm:{dtype}" for dtype in dtypes] + [f"vllm-eager:{dtype}" for dtype in dtypes]
 
     # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
     # keep_freed_memory) must not speed up the baseline. --repeat: the engines take turns, round
@@ -137,14 +150,16 @@ def main() -> None:
     results: dict[str, dict] = {}
     for _ in range(args.repeat):
         for engine in engines:
-            row = run_child(engine)
+            row = run_child(engine, args.vllm_python)
             if engine not in results:
                 results[engine] = row | {"round_seconds": [row["seconds"]]}
                 continue
             assert row["nll_sum"] == results[engine]["nll_sum"], "a rerun changed the result"
             results[engine]["round_seconds"].append(row["seconds"])
             results[engine]["seconds"] = min(results[engine]["seconds"], row["seconds"])
-            results[engine]["peak_memory_mb"] = max(results[engine]["peak_memory_mb"], row["peak_memory_mb"])
+            if row["peak_memory_mb"] is not None:
+                results[engine]["peak_memory_mb"] = max(results[engine]["peak_memory_mb"], row["peak_memory_mb"])
+            results[engine]["start_s"] = min(results[engine]["start_s"], row["start_s"])
     rows = list(results.values())
     baseline = rows[0]
     baseline_rate = baseline["tokens"] / baseline["seconds"]
@@ -170,33 +185,82 @@ def main() -> None:
             print(f"\nppl-eval {dtype} not run: {reason}.")
 
 
-def run_child(engine: str) -> dict:
-    """This script again, in a fresh process, running one engine; its log goes to our stderr."""
-    done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--engine", engine], stdout=subprocess.PIPE, text=True)
+def run_child(engine: str, vllm_python: str | None = None) -> dict:
+    """This script again, in a fresh process (the vLLM environment's Python for the vLLM rows), running one engine; its log goes to our stderr."""
+    python = vllm_environment(vllm_python) if engine.startswith("vllm") else sys.executable
+    done = subprocess.run([python, __file__, *sys.argv[1:], "--child", engine], stdout=subprocess.PIPE, text=True)
     if done.returncode:
         sys.exit(f"bench: the {engine} run failed (exit {done.returncode})")
     return json.loads(done.stdout)
 
 
+def vllm_environment(given: str | None) -> str:
+    """The Python that runs the vLLM rows: --vllm-python, $PPL_EVAL_VLLM_PYTHON, or scripts/vllm_venv.sh's default."""
+    if given or os.environ.get("PPL_EVAL_VLLM_PYTHON"):
+        return given or os.environ["PPL_EVAL_VLLM_PYTHON"]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(root / "scripts" / "vllm_venv.sh")], stdout=subprocess.PIPE, text=True, check=True)
+    return done.stdout.strip()
+
+
+def benchmark_text(args, tokenizer, docs):
+    """The windows every engine scores: the joined articles' token ids, as a sequence with its windowing."""
+    ids = tokenizer("".join(d.text for d in docs), add_special_tokens=False).input_ids
+    if args.convention == "lm-eval":
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        windowing = Windowing("lm-eval", args.window, args.window, False, None, prefix)
+        return ids, [prefix] + ids, windowing, lm_eval_windows(len(ids) + 1, args.window)
+    return ids, ids, Windowing("sliding", args.window, args.stride, False, None), sliding_windows(len(ids), args.window, args.stride)
+
+
+def run_vllm(args) -> dict:
+    """ppl-eval's vLLM engine (vLLM's default, or eager), its start-up and its scoring timed apart."""
+    from transformers import AutoModelForCausalLM
+
+    from ppl_cli.engine.vllm_engine import open_model
+
+    kind, dtype = args.child.split(":")
+    extra = tuple(args.vllm_arg) + (("enforce_eager=true",) if kind == "vllm-eager" else ())
+    config = Config(model=args.model, engine="vllm", dtype=dtype, vllm_args=extra, gpu_memory_utilization=args.gpu_memory_utilization,
+                    max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+    docs = load_documents(Config(data=args.data, limit=args.articles))
+    started = time.perf_counter()
+    handle = open_model(config)
+    engine = handle.start(config, args.window, ("nll",), args.max_batch_tokens)
+    start_s = time.perf_counter() - started
+    ids, sequence, windowing, windows = benchmark_text(args, handle.tokenizer, docs)
+    log(f"{args.model} through vLLM{' (eager)' if kind == 'vllm-eager' else ''}: started in {start_s:.1f} s; {len(ids):,} tokens, window {args.window}")
+    scored = sum(w.end - w.score_from for w in windows)
+    try:
+        row = measure(f"ppl-eval vllm{' eager' if kind == 'vllm-eager' else ''}", dtype, lambda: (document_nll(engine, sequence, windowing), scored), None)
+    finally:
+        engine.close()
+    with torch.device("meta"):  # the shape alone, for the FLOP count
+        shape = AutoModelForCausalLM.from_config(handle.hf_config)
+    row["flops"] = forward_flops(shape, windows, args.window, full_logits=True)  # vLLM computes every prompt position's log-softmax
+    row["through"] = sum(min(w.end - w.begin, args.window) for w in windows)
+    row["corpus"] = {"documents": len(docs), "tokens": len(ids)}
+    row["start_s"] = start_s
+    row["peak_memory_mb"] = None  # in vLLM's processes
+    return row
+
+
 def run_engine(args) -> dict:
     """One engine (baseline, ppl-eval or floor, with a dtype), timed once on the benchmark text."""
-    kind, dtype = args.engine.split(":")
+    kind, dtype = args.child.split(":")
+    started = time.perf_counter()
     lm, docs, ids = load_inputs(args)
+    start_s = time.perf_counter() - started
     log(f"{args.model} on {len(docs)} documents: {len(ids):,} tokens, window {args.window}, stride {args.stride}")
+    ids, sequence, windowing, windows = benchmark_text(args, lm.tokenizer, docs)
     if args.convention == "lm-eval":
-        prefix = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
-        sequence = [prefix] + ids
-        windowing = Windowing("lm-eval", args.window, args.window, False, None, prefix)
-        windows = lm_eval_windows(len(sequence), args.window)
+        prefix = sequence[0]
         if not real_lm_eval(args):
             baseline_name = "lm-eval-loop"
             run_baseline = lambda: lm_eval_loop(lm.model, ids, prefix, args.window, lm.device, args.lm_eval_batch)  # noqa: E731
         else:
             baseline_name, run_baseline = lm_eval_harness(lm, "".join(d.text for d in docs), len(ids), args.window, args.lm_eval_batch)
     else:
-        sequence = ids
-        windowing = Windowing("sliding", args.window, args.stride, False, None)
-        windows = sliding_windows(len(ids), args.window, args.stride)
         baseline_name = "hf-recipe"
         run_baseline = lambda: hf_recipe(lm.model, ids, args.window, args.stride, lm.device)  # noqa: E731
     scored = sum(w.end - w.score_from for w in windows)
@@ -223,6 +287,7 @@ def run_engine(args) -> dict:
     row["flops"] = forward_flops(lm.model, windows, args.window, full_logits=kind == "baseline")
     row["through"] = sum(min(w.end - w.begin, args.window) for w in windows)  # tokens read; same for all
     row["corpus"] = {"documents": len(docs), "tokens": len(ids)}
+    row["start_s"] = start_s
     return row
 
 
@@ -359,7 +424,7 @@ def forward_floor(scorer, sequence, windowing, scored):
 def loss_taken_out():
     """While active, the scorer runs the LM head chunks and drops their logits (the floor)."""
 
-    def head_only(rows, targets, head):
+    def head_only(rows, targets, head, check=None):
         if head is not None:  # None: the model's full forward already made the logits
             chunk = max(1, scorer_module.HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
             for start in range(0, len(rows), chunk):
@@ -567,7 +632,7 @@ def paired_windows(args) -> None:
 
 def measure(engine, dtype, run, lm):
     log(f"running {engine} {dtype} ...")
-    with PeakMemory(lm.device) as memory:
+    with PeakMemory(lm.device if lm is not None else torch.device("cpu")) as memory:
         start = time.perf_counter()
         nll, tokens = run()
         seconds = time.perf_counter() - start
@@ -655,18 +720,19 @@ def rss() -> int:
 
 
 def print_table(rows):
-    header = ["engine", "dtype", "scored tok/s", "through tok/s", "GFLOP/s", "of peak", "peak MB", "perplexity", "vs baseline", "speedup", "per round"]
+    header = ["engine", "dtype", "start s", "scored tok/s", "through tok/s", "GFLOP/s", "of peak", "peak MB", "perplexity", "vs baseline", "speedup", "per round"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         cells = [
             r["engine"],
             r["dtype"],
+            f"{r['start_s']:.1f}",
             f"{r['scored_tokens_per_s']:,.0f}",
             f"{r['through_tokens_per_s']:,.0f}",
             f"{r['gflop_per_s']:,.0f}",
             f"{r['fraction_of_peak']:.0%}",
-            f"{r['peak_memory_mb']:,.0f}",
+            f"{r['peak_memory_mb']:,.0f}" if r["peak_memory_mb"] is not None else "-",
             f"{r['perplexity']:.4f}" if r["perplexity"] else "-",
             f"{r['ppl_vs_baseline']:+.5%}" if r["perplexity"] else "-",
             f"{r['speedup']:.2f}x",

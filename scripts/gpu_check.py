@@ -268,7 +268,8 @@ def check_oom(r: Runner) -> Check:
 
     from ppl_cli import Config
     from ppl_cli.engine.loading import load_model
-    from ppl_cli.engine.scorer import Job, Scorer
+    from ppl_cli.engine.base import Job
+    from ppl_cli.engine.transformers_engine import TransformersEngine as Scorer
 
     if not r.cuda:
         return Check("out-of-memory halving", None, "CUDA only (a CPU run does not raise torch.OutOfMemoryError)")
@@ -455,17 +456,17 @@ def time_run(args) -> None:
     from bench import gpu_busy
 
     from ppl_cli import Config, evaluate
-    from ppl_cli.engine import scorer as scorer_module
+    from ppl_cli.engine import transformers_engine as scorer_module
 
     busy = []
-    original = scorer_module.Scorer.__init__
+    original = scorer_module.TransformersEngine.__init__
 
     def patched(self, *a, **k):
         original(self, *a, **k)
         context = gpu_busy(self)
         busy.append(context.__enter__())
 
-    scorer_module.Scorer.__init__ = patched
+    scorer_module.TransformersEngine.__init__ = patched
     device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = evaluate(Config(model=args.model, data=args.time_run, dtype=args.dtype, device=device, bootstrap_samples=0)).summary
     gpu = sum(f() for f in busy) if busy and busy[0]() is not None else None

@@ -1,5 +1,6 @@
 """Shared fixtures: seeded tiny models saved to disk, user paths isolated, the network off."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 WIKITEXT_VALID = SHARED / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
 
 # A few hundred words of varied English for training the tiny tokenizers and for test documents.
@@ -250,3 +252,18 @@ def wikitext_valid_or_skip() -> Path:
     if not WIKITEXT_VALID.is_file():
         pytest.skip(f"WikiText-2 is not available: {WIKITEXT_VALID} is absent (../shared beside the checkout)")
     return WIKITEXT_VALID
+
+
+def vllm_python_or_skip() -> str:
+    """The Python of the vLLM environment: $PPL_EVAL_VLLM_PYTHON, else where scripts/vllm_venv.sh
+    builds it (a folder named by the hash of the script and pyproject.toml)."""
+    given = os.environ.get("PPL_EVAL_VLLM_PYTHON")
+    if given:
+        python = Path(given)
+    else:
+        key = hashlib.sha256((ROOT / "scripts" / "vllm_venv.sh").read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        python = cache / "ppl-eval" / f"vllm-venv-{key}" / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"no vLLM environment at {python}: build it with scripts/vllm_venv.sh (or set PPL_EVAL_VLLM_PYTHON)")
+    return str(python)

@@ -9,7 +9,8 @@ from reference import hf_recipe, rolling_disjoint, token_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppl_cli import Config, evaluate
-from ppl_cli.engine.scorer import Job, Scorer, plan_batches
+from ppl_cli.engine.base import Job, plan_batches
+from ppl_cli.engine.transformers_engine import TransformersEngine
 
 REL = 1e-5
 
@@ -104,7 +105,7 @@ def test_plan_batches_respects_the_token_budget():
 
 def test_split_head_is_used_and_full_logits_fallback_agrees(tiny_llama):
     model, _ = load_reference(tiny_llama)
-    scorer = Scorer(model, torch.device("cpu"), 256)
+    scorer = TransformersEngine(model, torch.device("cpu"), 256)
     assert scorer.split_head
     tokens = torch.tensor([5, 9, 30, 2, 77, 13, 8, 41, 3, 99, 12])
     jobs = [Job(tokens, 1, 10), Job(tokens[:6], 1, 6), Job(tokens[2:], 4, 9)]  # reads: all but the last, or all

@@ -54,7 +54,7 @@ def test_each_row_is_handed_on_as_its_document_finishes(tiny_llama, tmp_path, mo
     last window: here the first document's, after its own windows and before any other's."""
     from transformers import AutoTokenizer
 
-    from ppl_cli.engine.scorer import Scorer
+    from ppl_cli.engine.transformers_engine import TransformersEngine
     from ppl_cli.engine.windows import sliding_windows
 
     texts = [" ".join(PROSE * 2), *(PROSE[k] for k in range(6)), " ".join(PROSE)]
@@ -62,8 +62,8 @@ def test_each_row_is_handed_on_as_its_document_finishes(tiny_llama, tmp_path, mo
     first_windows = len(sliding_windows(1 + len(AutoTokenizer.from_pretrained(tiny_llama)(texts[0]).input_ids), 16, 8))
     monkeypatch.setattr(rows_module, "FLUSH_S", 0.0)
     events = []
-    score_batch = Scorer.score_batch
-    monkeypatch.setattr(Scorer, "score_batch", lambda self, jobs: (events.append("batch"), score_batch(self, jobs))[1])
+    score_batch = TransformersEngine.score_batch
+    monkeypatch.setattr(TransformersEngine, "score_batch", lambda self, jobs, stop=None: (events.append("batch"), score_batch(self, jobs, stop))[1])
     evaluate(Config(model=tiny_llama, data=data, window=16, max_batch_tokens=16, bootstrap_samples=0),
              on_rows=lambda rows: events.extend(("row", r["index"]) for r in rows))  # fmt: skip
     assert events[:first_windows] == ["batch"] * first_windows and events[first_windows] == ("row", 0)
@@ -107,12 +107,12 @@ def test_the_bar_counts_what_is_scored_not_what_is_read():
 
 
 def test_a_file_read_far_ahead_of_scoring_shows_how_much_is_scored(tiny_llama, corpus, monkeypatch, capsys):
-    from ppl_cli.engine.scorer import Scorer
+    from ppl_cli.engine.transformers_engine import TransformersEngine
     from ppl_cli.runtime import progress
 
     monkeypatch.setattr(progress, "REFRESH_S", 0.0)
-    score_batch = Scorer.score_batch
-    monkeypatch.setattr(Scorer, "score_batch", lambda self, jobs: (time.sleep(0.02), score_batch(self, jobs))[1])  # scoring is slow
+    score_batch = TransformersEngine.score_batch
+    monkeypatch.setattr(TransformersEngine, "score_batch", lambda self, jobs, stop=None: (time.sleep(0.02), score_batch(self, jobs, stop))[1])  # scoring is slow
     evaluate(Config(model=tiny_llama, data=corpus, window=16, max_batch_tokens=16, bootstrap_samples=0), progress=True)
     drawn = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "tokens," in line]
     shares = [int(line.split("%")[0].split()[-1]) for line in drawn]
@@ -278,7 +278,7 @@ def test_every_run_option_is_in_exactly_one_group():
     for option in options:
         assert isinstance(option, GroupedOption), option.name
         groups.setdefault(option.group.name, []).append(option.name)
-    assert list(groups) == ["Model", "Data", "What is scored", "Windows and conventions", "Signals and extras", "Output", "Performance and scale-out"]
+    assert list(groups) == ["Model", "Engine", "Data", "What is scored", "Windows and conventions", "Signals and extras", "Output", "Performance and scale-out"]
     assert sum(len(v) for v in groups.values()) == len(options) == len({o.name for o in options})
     assert "Min-K% and Min-K%++" in CliRunner().invoke(cli, ["run", "--help"]).output
 

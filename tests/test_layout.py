@@ -74,4 +74,4 @@ def test_no_two_file_names_differ_by_one_letter():
 
 def test_the_layout_checks_can_fail():
     assert one_letter_apart("report", "reports") and one_letter_apart("rows", "row") and not one_letter_apart("rows", "runs")
-    assert stage("engine.scorer") == "engine" and stage("pipeline") is None
+    assert stage("engine.vllm_engine") == "engine" and stage("pipeline") is None

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from ppl_cli.engine.scorer import HEAD_CHUNK_ELEMENTS
+from ppl_cli.engine.transformers_engine import HEAD_CHUNK_ELEMENTS
 
 SCRIPT = textwrap.dedent(
     """
@@ -13,14 +13,14 @@ SCRIPT = textwrap.dedent(
     from transformers import LlamaConfig, LlamaForCausalLM
     from ppl_cli.engine.conventions import Windowing
     from ppl_cli.output.rows import score_documents
-    from ppl_cli.engine.scorer import Scorer
+    from ppl_cli.engine.transformers_engine import TransformersEngine
 
     vocab, n = int(sys.argv[1]), int(sys.argv[2])
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
     model = LlamaForCausalLM(config).eval()
-    scorer = Scorer(model, torch.device("cpu"), max_batch_tokens=1024)
+    scorer = TransformersEngine(model, torch.device("cpu"), max_batch_tokens=1024)
     windowing = Windowing("sliding", window=512, stride=256, add_bos=False, bos_id=None)
     ids = torch.randint(0, vocab, (n,))
     score_documents(scorer, [ids[:2048]], windowing, None)  # warm up: every buffer size once

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from ppl_cli import Config, evaluate
 from ppl_cli.cli import cli
-from ppl_cli.engine.scorer import Job, Scorer
+from ppl_cli.engine.base import Job
+from ppl_cli.engine.transformers_engine import TransformersEngine
 from ppl_cli.errors import PplError
 
 
@@ -152,7 +153,7 @@ def test_a_non_finite_log_probability_stops_the_run(tiny_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(1e4)  # logits far beyond float16's 65,504
-    scorer = Scorer(model, torch.device("cpu"), 64)
+    scorer = TransformersEngine(model, torch.device("cpu"), 64)
     with pytest.raises(PplError, match="non-finite log-probability in float16") as e:
         scorer.score([Job(torch.arange(2, 20), 1, 18)])
     assert e.value.exit_code == 6
@@ -160,7 +161,7 @@ def test_a_non_finite_log_probability_stops_the_run(tiny_llama, tmp_path):
 
 def test_out_of_memory_halves_the_batch_and_changes_nothing(tiny_llama, corpus_jsonl, monkeypatch):
     expected = evaluate(Config(model=tiny_llama, data=corpus_jsonl, window=32, max_batch_tokens=1024)).documents
-    real_forward = Scorer.forward
+    real_forward = TransformersEngine.forward
     sizes = []
 
     def forward_with_small_memory(self, jobs):
@@ -169,7 +170,7 @@ def test_out_of_memory_halves_the_batch_and_changes_nothing(tiny_llama, corpus_j
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_forward(self, jobs)
 
-    monkeypatch.setattr(Scorer, "forward", forward_with_small_memory)
+    monkeypatch.setattr(TransformersEngine, "forward", forward_with_small_memory)
     got = evaluate(Config(model=tiny_llama, data=corpus_jsonl, window=32, max_batch_tokens=1024)).documents
     assert max(sizes) > 3 and sizes[-1] <= 3
     for a, b in zip(expected, got):

@@ -182,13 +182,14 @@ def test_corrected_word_probabilities_are_proper_and_plain_sums_are_not():
     """For one context, the next word is one of: a word-start token, then any number of tokens that are
     neither word starts nor EOS. Over every such word of up to 4 tokens the corrected probabilities
     (the scorer's class sums, words.surprisals) add up to at most 1; the plain products to more."""
-    from ppl_cli.engine.scorer import Job, Scorer
+    from ppl_cli.engine.base import Job
+    from ppl_cli.engine.transformers_engine import TransformersEngine
     from ppl_cli.engine.word_starts import find_word_starts
 
     model, tokenizer = small_vocabulary_model()
     found = find_word_starts(tokenizer, 12)
     assert found.starts.nonzero()[0].tolist() == [3, 4, 5, 6]
-    scorer = Scorer(model, torch.device("cpu"), 4096, keep=("nll", "bow", "bow_eos", "not_bow"), word_classes=torch.from_numpy(found.classes()))
+    scorer = TransformersEngine(model, torch.device("cpu"), 4096, keep=("nll", "bow", "bow_eos", "not_bow"), word_classes=torch.from_numpy(found.classes()))
     context = [0, 4, 8]  # <s> Ġa b
     inner = [7, 8, 9, 10, 11]
     candidates = [[first, *rest] for first in (3, 4, 5, 6) for k in range(4) for rest in itertools.product(inner, repeat=k)]

@@ -422,7 +422,7 @@ class PairedTotals:
         metrics = METRICS + ((WORD_METRIC,) if all(WORD_METRIC in run.summary for run in runs) else ())
         out = []
         for r in range(1, self.runs):
-            entry = {"baseline": runs[0].name, "run": runs[r].name}
+            entry = {"baseline": runs[0].name, "run": runs[r].name, "engine": engine_of(runs[r].summary)}
             for metric in metrics:
                 entry[metric] = self.corpus.paired(metric, r)
             scored = int(self.better[r] + self.worse[r])
@@ -446,9 +446,10 @@ class PairedTotals:
             if self.groups is not None:
                 entry.update(self.group_report(r))
             out.append(entry)
-        report = {**{k: v for k, v in out[0].items() if k not in ("baseline", "run")}} if len(out) == 1 else {}
+        report = {**{k: v for k, v in out[0].items() if k not in ("baseline", "run", "engine")}} if len(out) == 1 else {}
         return {
             "baseline": runs[0].name,
+            "baseline_engine": engine_of(runs[0].summary),
             "runs": out,
             **report,
             "bootstrap": {"samples": self.samples, "seed": self.seed, "method": "paired poisson", "confidence": 0.95},
@@ -514,14 +515,21 @@ def listed(heap: list, improved: bool) -> list[dict]:
     ]
 
 
+def engine_of(summary: dict) -> str:
+    """The engine that scored a run (runs made before there were engines: transformers)."""
+    return (summary["model"].get("engine") or {}).get("name", "transformers")
+
+
 def format_comparison(report: dict) -> str:
     """A few lines for a person."""
     if "checkpoints" in report:
         return format_series_comparison(report)
-    lines = [f"baseline: {report['baseline']}"]
+    engines = {report["baseline_engine"], *(entry["engine"] for entry in report["runs"])} != {"transformers"}
+    shown = lambda engine: f" (engine {engine})" if engines else ""  # noqa: E731
+    lines = [f"baseline: {report['baseline']}{shown(report['baseline_engine'])}"]
     for entry in report["runs"]:
         docs = entry["documents"]
-        lines.append(f"\n{entry['run']} against the baseline, {docs['compared']:,} documents:")
+        lines.append(f"\n{entry['run']}{shown(entry['engine'])} against the baseline, {docs['compared']:,} documents:")
         metrics = shown_metrics(entry)
         width = max(17, *(len(metric) for metric in metrics))
         for metric in metrics:

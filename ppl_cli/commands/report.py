@@ -399,12 +399,13 @@ def token_spans(tokens: dict) -> list[dict]:
     """Each token's text, surprisal step (its colour) and tip: p, -ln p, rank and entropy on hover.
     A context token (a document scored given a context) has no values: it is shown greyed."""
     out = []
-    for piece, logprob, rank, entropy in zip(tokens["token"], tokens["logprob"], tokens["rank"], tokens["entropy"]):
+    entropies = tokens.get("entropy") or [None] * len(tokens["token"])  # none from an engine that returns no distribution
+    for piece, logprob, rank, entropy in zip(tokens["token"], tokens["logprob"], tokens["rank"], entropies):
         if logprob is None:
             out.append({"piece": piece, "context": True})
             continue
         surprisal = -logprob
-        tip = f"p = {math.exp(logprob):.4f}, -ln p = {surprisal:.2f} nats, rank {rank}, entropy {entropy:.2f} nats"
+        tip = f"p = {math.exp(logprob):.4f}, -ln p = {surprisal:.2f} nats, rank {rank}" + (f", entropy {entropy:.2f} nats" if entropy is not None else "")
         out.append({"piece": piece, "step": surprisal_step(surprisal), "tip": tip, "context": False})
     return out
 

@@ -152,7 +152,6 @@ def load_model(config: Config, local_rank: int = 0, tokenizer=None) -> LoadedMod
     import torch
     import transformers
 
-    source = resolve_model(config.model)
     device = resolve_device(config.device, local_rank)
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not config.quantize:
@@ -165,22 +164,9 @@ def load_model(config: Config, local_rank: int = 0, tokenizer=None) -> LoadedMod
                 PplWarning,
                 stacklevel=2,
             )
-    origin = {"id": config.model, "source": source.location, "gguf_file": source.gguf_file, "kind": source.kind, "revision": config.revision}
-    temporary = []
-    if source.gguf_file:  # read from its de-quantized copy: transformers de-quantizes a .gguf on every load
-        from .gguf_cache import dequantized
-
-        folder, scratch = dequantized(source.location, source.gguf_file, config.model)
-        source = ModelSource(str(folder), None, "directory")
-        temporary.append(scratch)
-        origin["weights"] = f"{origin['gguf_file']}, de-quantized to float32" + (f", then quantized again by --quantize {config.quantize}" if config.quantize else "")
-        origin["dequantized_copy"] = str(folder) if scratch is None else None
-    kwargs = source_kwargs(config, source)
-    if source.kind == "hub":
-        kwargs.update(hub_access(config.model, config.revision))
+    located = locate(config)
+    source, kwargs, origin, temporary = located.source, located.kwargs, located.origin, located.temporary
     weights = {} if config.allow_pickle else {"use_safetensors": True}
-    if not config.allow_pickle:
-        refuse_pickle_only(source, config.model)
     placement, offload = placement_kwargs(config, device)
     temporary.append(offload)
     quantization = quantization_config(config.quantize, dtype, device)
@@ -203,6 +189,41 @@ def load_model(config: Config, local_rank: int = 0, tokenizer=None) -> LoadedMod
     loaded = described(model, tokenizer, config, origin)
     loaded.temporary = tuple(t for t in temporary if t is not None)
     return loaded
+
+
+@dataclass
+class Located:
+    """A model's files as from_pretrained (and vLLM) read them: a hub id or a folder (a .gguf file's
+    de-quantized copy), the keyword arguments to read it with, what summary.json records of where
+    it came from, and temporary folders to keep while it is used."""
+
+    source: ModelSource
+    kwargs: dict
+    origin: dict
+    temporary: list
+
+
+def locate(config: Config) -> Located:
+    """Where config.model's files are: a .gguf file read from its de-quantized copy (transformers
+    de-quantizes a .gguf on every load), a hub id from the cache alone where the hub cannot be
+    reached, pickled weights refused unless allowed."""
+    source = resolve_model(config.model)
+    origin = {"id": config.model, "source": source.location, "gguf_file": source.gguf_file, "kind": source.kind, "revision": config.revision}
+    temporary = []
+    if source.gguf_file:
+        from .gguf_cache import dequantized
+
+        folder, scratch = dequantized(source.location, source.gguf_file, config.model)
+        source = ModelSource(str(folder), None, "directory")
+        temporary.append(scratch)
+        origin["weights"] = f"{origin['gguf_file']}, de-quantized to float32" + (f", then quantized again by --quantize {config.quantize}" if config.quantize else "")
+        origin["dequantized_copy"] = str(folder) if scratch is None else None
+    kwargs = source_kwargs(config, source)
+    if source.kind == "hub":
+        kwargs.update(hub_access(config.model, config.revision))
+    if not config.allow_pickle:
+        refuse_pickle_only(source, config.model)
+    return Located(source, kwargs, origin, temporary)
 
 
 def in_memory(model, tokenizer, config: Config) -> LoadedModel:
@@ -242,8 +263,7 @@ def described(model, tokenizer, config: Config, origin: dict) -> LoadedModel:
             f" ({type(model).__name__}; an encoder used as a decoder?)",
             EXIT_MODEL,
         )
-    model_config = model.config.get_text_config()
-    context = next((getattr(model_config, a) for a in CONTEXT_ATTRIBUTES if getattr(model_config, a, None)), None)
+    context = context_length(model.config)
     dtype = model.dtype
     info = {
         **origin,
@@ -259,6 +279,12 @@ def described(model, tokenizer, config: Config, origin: dict) -> LoadedModel:
     }
     torch.manual_seed(0)  # nothing here is random; this keeps any model that samples internally repeatable
     return LoadedModel(model, tokenizer, device, dtype, context, bos_token_id(tokenizer), info, one_window=one_window)
+
+
+def context_length(model_config) -> int | None:
+    """The context a model's configuration gives it (its text model's, for a multimodal one)."""
+    text_config = model_config.get_text_config()
+    return next((getattr(text_config, a) for a in CONTEXT_ATTRIBUTES if getattr(text_config, a, None)), None)
 
 
 def batch_wide_outliers(model) -> bool:

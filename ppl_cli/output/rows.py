@@ -1,4 +1,4 @@
-"""Tokenized documents -> per-document rows: windows batched through the scorer, one row a document.
+"""Tokenized documents -> per-document rows: windows batched through the engine, one row a document.
 
 Consecutive documents are planned in groups of about GROUP_BATCHES batches (their windows sorted by
 length and packed together), and the batches of a group run in the order of the first document
@@ -63,8 +63,8 @@ class RowExtras:
     """What a document's row gets besides its metrics, each None when the run does not ask for it."""
 
     write_tokens: Callable[[list[tuple]], None] | None = None  # --save-tokens: [(item, positions, values)] -> one Parquet part
-    signals_k: float | None = None  # --signals, with this k (the scorer keeps entropy and z)
-    words: WordExport | None = None  # --save-words (the scorer keeps the word-start classes, and those after the last token)
+    signals_k: float | None = None  # --signals, with this k (the engine keeps entropy and z, where it can)
+    words: WordExport | None = None  # --save-words (with the correction the engine keeps the word-start classes, and those after the last token)
 
 
 class Flusher:
@@ -98,32 +98,35 @@ class Part(NamedTuple):
     window: Window | None
 
 
-def score_stream(scorer, items: Iterable[Tokenized], windowing: Windowing, sink: RowSink, progress, stop, retokenize, extras: RowExtras = RowExtras()) -> Tally:
+def score_stream(
+    engine, items: Iterable[Tokenized], windowing: Windowing, sink: RowSink, progress, stop, retokenize, extras: RowExtras = RowExtras(), tally: Tally | None = None
+) -> Tally:
     """Score every document of `items` not done yet and hand each one's row to `sink` (after its
     tokens to extras.write_tokens) as it finishes, in input order.
 
     `stop.check()` runs after every batch (a signal ends the run there, after the rows that are
     ready are written); an error from `items` (bad input further on) is raised after the documents
-    read before it are scored and written.
+    read before it are scored and written. `tally`: where what is done is counted (the caller's, so
+    that it is known after a stop too).
     """
-    tally = Tally()
+    tally = tally if tally is not None else Tally()
     flusher = Flusher(FLUSH_S)
-    for group in document_groups(items, scorer.max_batch_tokens * GROUP_BATCHES, tally):
+    for group in document_groups(items, engine.max_batch_tokens * GROUP_BATCHES, tally):
         if all(item.done is not None for item in group):  # finished by an earlier run
             progress.update(tokens=sum(item.done["tokens"] for item in group), documents=len(group), scored=False)
             sink.final([item.done for item in group])
             continue
         if any(item.done is not None for item in group):  # a group an earlier run left half-written: score it whole again
             group = [item if item.ids is not None else retokenize(item) for item in group]
-        GroupScoring(group, scorer, windowing, sink, progress, extras, tally, flusher).run(stop)
+        GroupScoring(group, engine, windowing, sink, progress, extras, tally, flusher).run(stop)
     return tally
 
 
 class GroupScoring:
     """One group's jobs, run batch by batch, its documents handed on as they finish."""
 
-    def __init__(self, group: list[Tokenized], scorer, windowing: Windowing, sink: RowSink, progress, extras: RowExtras, tally: Tally, flusher: Flusher):
-        self.group, self.scorer, self.windowing = group, scorer, windowing
+    def __init__(self, group: list[Tokenized], engine, windowing: Windowing, sink: RowSink, progress, extras: RowExtras, tally: Tally, flusher: Flusher):
+        self.group, self.engine, self.windowing = group, engine, windowing
         self.sink, self.progress, self.extras, self.tally, self.flusher = sink, progress, extras, tally, flusher
         self.jobs, self.parts = [], []
         self.passes = []  # each document's number of passes
@@ -148,21 +151,28 @@ class GroupScoring:
             self.parts.append(where._replace(window=w))
 
     def run(self, stop) -> None:
-        batches = sorted(self.scorer.plan(self.jobs), key=lambda batch: min(self.parts[i].doc for i in batch))
-        for k, batch in enumerate(batches):
+        """Score the group's batches (in the order of the first document each holds), handing
+        documents on as they finish; on a stop or an error, the finished ones are handed on first."""
+        batches = sorted(self.engine.plan(self.jobs), key=lambda batch: min(self.parts[i].doc for i in batch))
+        upcoming = {tuple(batch): k for k, batch in enumerate(batches)}
+        try:
             started = time.perf_counter()
-            for i, scored in zip(batch, self.scorer.score_batch([self.jobs[i] for i in batch])):
-                self.results[i] = scored
-                self.remaining[self.parts[i].doc] -= 1
-            self.flusher.timed(padded(self.jobs, batch), time.perf_counter() - started)
-            self.progress.update(tokens=sum(self.jobs[i].scored for i in batch))
-            while self.done + self.ready < len(self.group) and not self.remaining[self.done + self.ready]:
-                self.ready += 1
-            following = padded(self.jobs, batches[k + 1]) if k + 1 < len(batches) else 0
-            if self.ready and (stop.signum is not None or self.flusher.due(following)):
-                self.hand_on()
-            stop.check()
-        self.hand_on()
+            for batch, results in self.engine.stream(self.jobs, batches, stop):
+                for i, scored in zip(batch, results):
+                    self.results[i] = scored
+                    self.remaining[self.parts[i].doc] -= 1
+                self.flusher.timed(padded(self.jobs, batch), time.perf_counter() - started)
+                self.progress.update(tokens=sum(self.jobs[i].scored for i in batch))
+                while self.done + self.ready < len(self.group) and not self.remaining[self.done + self.ready]:
+                    self.ready += 1
+                k = upcoming[tuple(batch)]
+                following = padded(self.jobs, batches[k + 1]) if k + 1 < len(batches) else 0
+                if self.ready and (stop.signum is not None or self.flusher.due(following)):
+                    self.hand_on()
+                stop.check()
+                started = time.perf_counter()
+        finally:
+            self.hand_on()
 
     def hand_on(self) -> None:
         """The ready documents' rows (and tokens, words and lines beside them) written and handed on."""
@@ -182,7 +192,7 @@ class GroupScoring:
         self.flusher.wrote()
 
     def collected(self, d: int) -> tuple[Tokenized, list[list[tuple]], list[list[tuple]]]:
-        """Document d, its passes' and its continuations' (--ifd) windows with what the scorer found, in order."""
+        """Document d, its passes' and its continuations' (--ifd) windows with what the engine found, in order."""
         passes: list[list[tuple]] = [[] for _ in range(self.passes[d])]
         alone: list[list[tuple]] = [[] for _ in self.group[d].alone]
         for i in self.doc_jobs[d]:
@@ -202,7 +212,7 @@ class GroupScoring:
             if self.extras.signals_k is not None:
                 row.update(document_signals(kept, scored_texts(item), self.extras.signals_k, row))
         side = {CONTEXTS_STEM: [{**context_line(item.index, s, v["nll"]), "digest": digest_hex(item.index, item.document)} for item, s, v in values]}
-        if self.scorer.reference is not None:
+        if self.engine.reference is not None:
             side[REFERENCE_STEM] = [document_histograms(item.index, v) for item, _, v in values]
         if self.extras.words is not None and values:
             tables = []
@@ -222,11 +232,11 @@ def padded(jobs: Sequence, batch: list[int]) -> int:
 
 
 def window_job(ids, w: Window, windowing: Windowing, tail: bool = False):
-    """The scorer's job for window w of a token sequence: its span (llama-cpp: the first token
+    """The engine's job for window w of a token sequence: its span (llama-cpp: the first token
     replaced by BOS), the context before the scored tokens, and the tokens the model reads."""
     import torch
 
-    from ..engine.scorer import Job
+    from ..engine.base import Job
 
     span = torch.as_tensor(ids[w.begin : w.end], dtype=torch.long)  # [m]
     replacement = first_token_replacement(windowing)
@@ -266,9 +276,9 @@ def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> It
 
 
 def score_documents(
-    scorer, sequences: Sequence, windowing: Windowing, on_tokens: Callable[[int], None] | None, spans: Sequence | None = None
+    engine, sequences: Sequence, windowing: Windowing, on_tokens: Callable[[int], None] | None, spans: Sequence | None = None
 ) -> list[list[tuple]]:
-    """For each token sequence, its windows with what the scorer found (Scored), in order, all at
+    """For each token sequence, its windows with what the engine found (Scored), in order, all at
     once (benchmarks and tests; runs go through score_stream). A sequence with scored `spans` (a
     document given a context) gets the conditional windows."""
     jobs, owners = [], []
@@ -278,7 +288,7 @@ def score_documents(
             jobs.append(window_job(ids, w, windowing))
             owners.append((d, w))
     scored: list[list[tuple]] = [[] for _ in sequences]
-    for (d, w), result in zip(owners, scorer.score(jobs, on_tokens)):
+    for (d, w), result in zip(owners, engine.score(jobs, on_tokens)):
         scored[d].append((w, result))
     return scored
 

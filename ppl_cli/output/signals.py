@@ -44,12 +44,13 @@ def zlib_size(texts: Sequence[str]) -> int:
 
 def document_signals(tokens: dict[str, np.ndarray], texts: Sequence[str], k: float, row: dict) -> dict:
     """A document's signals from its scored tokens' values (`nll`, `entropy`, `z`, in order), the
-    texts scored of it and its row (nll_sum, tokens, and ref_nll_sum with a reference model)."""
+    texts scored of it and its row (nll_sum, tokens, and ref_nll_sum with a reference model).
+    Without `z` and `entropy` (an engine that returns no distribution) those two signals are None."""
     out = {
         "min_k": lowest_mean(-tokens["nll"], k),
-        "min_k_plus_plus": lowest_mean(tokens["z"], k),
+        "min_k_plus_plus": lowest_mean(tokens["z"], k) if "z" in tokens else None,
         "zlib_ratio": row["nll_sum"] / row["tokens"] / zlib_size(texts),
-        "mean_entropy": float(tokens["entropy"].astype(np.float64).mean()),
+        "mean_entropy": float(tokens["entropy"].astype(np.float64).mean()) if "entropy" in tokens else None,
     }
     if "ref_nll_sum" in row:
         out["reference_ratio"] = row["nll_sum"] / row["ref_nll_sum"] if row["ref_nll_sum"] > 0 else None

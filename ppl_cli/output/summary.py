@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
-from ..config import Config
+from ..config import ENGINE_PERFORMANCE_ARGS, Config, parse_engine_args
 from ..data.records import MISSING_GROUP, SOURCE_KEYS
 from ..data.sources import Source
 from ..engine.conventions import Windowing
@@ -223,6 +223,7 @@ def run_identity(
         "model": config.model,
         "revision": config.revision,
         "dtype": model_info["dtype"],
+        **engine_identity(config),
         **input_identity(sources, config),
         "shard": config.shard,
         "convention": windowing.convention,
@@ -239,6 +240,15 @@ def run_identity(
         **({"signals": {"min_k": config.min_k}} if config.signals else {}),
         **({"words": words} if words else {}),
     }
+
+
+def engine_identity(config: Config) -> dict:
+    """The engine, where it is not transformers (runs made before there were engines record none),
+    and the --vllm-arg values that can change the numbers (a quantization, the KV cache's dtype)."""
+    if config.engine == "transformers":
+        return {}
+    arguments = {k: v for k, v in parse_engine_args(config.vllm_args).items() if k not in ENGINE_PERFORMANCE_ARGS}
+    return {"engine": config.engine, **({"engine_args": arguments} if arguments else {})}
 
 
 def input_identity(sources: list[Source], config: Config) -> dict:

@@ -58,9 +58,10 @@ def document_table(index: int, positions: np.ndarray, tokens: dict[str, np.ndarr
         "position": positions.astype(np.int32),
         "token_id": tokens["token_id"].astype(np.int32),
         "logprob": (-tokens["nll"]).astype(np.float32),
-        "entropy": tokens["entropy"].astype(np.float32),
-        "rank": tokens["rank"].astype(np.int32),
     }
+    for name in ("entropy", "rank"):  # an engine that returns no distribution has no entropy
+        if name in tokens:
+            columns[name] = tokens[name].astype(np.float32 if name == "entropy" else np.int32)
     if "z" in tokens:  # --signals: Min-K%++'s standardised log p
         columns["z"] = tokens["z"].astype(np.float32)
     if "ref_nll" in tokens:

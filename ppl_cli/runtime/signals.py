@@ -1,7 +1,9 @@
-"""SIGINT and SIGTERM stop a run after the current batch; a second signal stops it at once."""
+"""SIGINT and SIGTERM stop a run at the engine's next check (between layers, head chunks, requests);
+a second signal stops it at once. The first is acknowledged on stderr at once."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ def stop_signals() -> Iterator[StopRequest]:
         if stop.signum is not None:
             raise KeyboardInterrupt
         stop.signum = signum
+        logging.getLogger("ppl_cli").info("stopping on %s: saving the documents finished so far (again to stop at once)", signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

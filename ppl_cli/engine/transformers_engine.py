@@ -1,15 +1,16 @@
-"""The scoring engine: NLL sums of token windows, batched, never holding [batch, seq, vocab] logits.
+"""The transformers engine: a model in this process scores batches of windows, never holding [batch, seq, vocab] logits.
 
 The decoder runs once per batch for hidden states; the LM head then runs only on the positions
 that are scored, a chunk of rows at a time, with log-softmax in float32. Peak memory beyond the
 weights is the decoder's activations for one batch (bounded by max_batch_tokens) plus
-HEAD_CHUNK_ELEMENTS float32 logits, whatever the document length or vocabulary size.
+HEAD_CHUNK_ELEMENTS float32 logits, whatever the document length or vocabulary size. A stop the
+user asks for is noticed between decoder layers and head chunks, so it takes a fraction of a window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,57 +18,23 @@ import torch.nn.functional as F
 
 from ..errors import EXIT_MODEL, EXIT_NUMERIC, PplError
 from .attention import use_blocked_attention
-from .length_probe import reset_position_state
+from .base import CLASS_VALUES, TOKEN_VALUES, Engine, Job, Scored, plan_batches
+from .length_probe import length_dependence, reset_position_state
 from .loading import no_gradients, probe_ids
 
 HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per head chunk: 64 MiB in float32
 PAD_ID = 0  # right padding is never attended to by real tokens under a causal mask
 
 
-class Job(NamedTuple):
-    """One forward pass: the window's tokens, of which tokens[context:] are scored.
+class TransformersEngine(Engine):
+    name = "transformers"
+    keeps = frozenset(TOKEN_VALUES)
 
-    The model reads tokens[:reads]: at least all but the last (a target only). Reading the last
-    one too, as the HF recipe does, changes no score but keeps the pass the recipe's exact shape,
-    so float32 kernels round the same way.
-    """
-
-    tokens: torch.Tensor  # [m] int64, the window span t[begin:end]
-    context: int  # score_from - begin, at least 1
-    reads: int  # m - 1 or m
-    tail: bool = False  # also the distribution after the last token (reads == m): its word-start classes
-
-    @property
-    def scored(self) -> int:
-        return len(self.tokens) - self.context
-
-
-class Scored(NamedTuple):
-    """One job's sums over its scored tokens (float64, keys as in documents.jsonl) and, when the
-    scorer keeps them, its per-token values in order (numpy, keys as in TOKEN_VALUES); for a job
-    with `tail`, the word-start classes' log-probabilities after its last token."""
-
-    sums: dict[str, float]
-    tokens: dict[str, np.ndarray] | None = None
-    tail: dict[str, float] | None = None
-
-
-# Per-token values: the NLL always; with a reference model P the NLL under P, KL(P || Q) over the
-# whole vocabulary, whether both models' most likely tokens agree, and delta_p = q(token) - p(token);
-# for --save-tokens and --signals the entropy of Q's distribution and the token's rank in it (1 = most
-# likely); for --signals the token's log q standardised over Q's distribution, z = (log q - mu) / sigma;
-# for --save-words the log-probability of each word-start class of the token's distribution
-# (word_starts.py): a word start, a word start or EOS, neither.
-TOKEN_VALUES = ("nll", "ref_nll", "kld", "same_top", "delta_p", "entropy", "rank", "z", "bow", "bow_eos", "not_bow")
-CLASS_VALUES = ("bow", "bow_eos", "not_bow")  # the columns of the word classes matrix, in order
-
-
-class Scorer:
     def __init__(
-        self, model, device, max_batch_tokens: int, reference: Scorer | None = None, keep: tuple[str, ...] = (), tune_memory: bool = True,
+        self, model, device, max_batch_tokens: int, reference: TransformersEngine | None = None, keep: tuple[str, ...] = (), tune_memory: bool = True,
         one_window: bool = False, fresh_positions: bool = False, word_classes: torch.Tensor | None = None,
     ):  # fmt: skip
-        """`reference`: a second model's Scorer, run on the same windows; `keep`: per-token values to
+        """`reference`: a second model's engine, run on the same windows; `keep`: per-token values to
         return; `tune_memory`: set the process's allocator for speed (not in a caller's process);
         `one_window`: a batch of one window only (a model whose numbers depend on the batch);
         `fresh_positions`: batches of windows of one length, each pass's position scaling as a fresh
@@ -78,35 +45,27 @@ class Scorer:
         self.word_classes = word_classes.to(device) if word_classes is not None else None
         self.model = model
         self.device = device
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.max_batch_tokens = max_batch_tokens
         self.reference = reference
         self.keep = keep
         self.decoder = model.base_model
         self.head = model.get_output_embeddings()
+        self.check = None  # the current batch's stop check, called between layers and head chunks
         use_blocked_attention(model)  # bfloat16 on CPU only
         if device.type == "cpu" and tune_memory:
             keep_freed_memory()
         # Models that post-process logits (soft-capping, scaling) need the full forward.
         self.split_head = head_reproduces_logits(model, device)
 
-    def score(self, jobs: Sequence[Job], on_tokens: Callable[[int], None] | None = None) -> list[Scored]:
-        """The sums (and kept per-token values) of each job's scored tokens, in nats."""
-        totals: list[Scored] = [Scored({})] * len(jobs)
-        for batch in self.plan(jobs):
-            for index, scored in zip(batch, self.score_batch([jobs[i] for i in batch])):
-                totals[index] = scored
-            if on_tokens:
-                on_tokens(sum(jobs[i].scored for i in batch))
-        return totals
-
     def plan(self, jobs: Sequence[Job]) -> list[list[int]]:
-        """The batches of job indices these jobs are scored in (plan_batches under this scorer's budget)."""
+        """The batches of job indices these jobs are scored in (plan_batches under this engine's budget)."""
         return plan_batches([job.reads for job in jobs], self.max_batch_tokens, 1 if self.one_window else None, self.fresh_positions)
 
-    def score_batch(self, jobs: list[Job]) -> list[Scored]:
+    def score_batch(self, jobs: list[Job], stop=None) -> list[Scored]:
         """Score one batch; on CUDA out-of-memory, score it in halves (same numbers, smaller batches)."""
         try:
-            with no_gradients(self.model):
+            with no_gradients(self.model), self.checked(stop):
                 return self.forward(jobs)
         except torch.OutOfMemoryError:
             if len(jobs) == 1:
@@ -115,7 +74,31 @@ class Scorer:
                 torch.cuda.empty_cache()
             half = len(jobs) // 2
             self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
-            return self.score_batch(jobs[:half]) + self.score_batch(jobs[half:])
+            return self.score_batch(jobs[:half], stop) + self.score_batch(jobs[half:], stop)
+
+    @contextlib.contextmanager
+    def checked(self, stop) -> Iterator[None]:
+        """While a batch runs, stop.check() before every decoder layer (of this model and the
+        reference's) and every head chunk: a stop takes one layer's time, not a window's."""
+        if stop is None:
+            yield
+            return
+        handles = [layer.register_forward_pre_hook(lambda *_: stop.check()) for layer in decoder_layers(self.model)]
+        if self.reference is not None:
+            handles += [layer.register_forward_pre_hook(lambda *_: stop.check()) for layer in decoder_layers(self.reference.model)]
+        self.check = stop.check
+        try:
+            yield
+        finally:
+            self.check = None
+            for handle in handles:
+                handle.remove()
+
+    def length_dependence(self, shortest: int, longest: int) -> str | None:
+        return length_dependence(self.model, self.device, shortest, longest)
+
+    def vocab_size(self) -> int:
+        return self.head.weight.shape[0]
 
     def forward(self, jobs: list[Job]) -> list[Scored]:
         if self.fresh_positions:
@@ -174,12 +157,12 @@ class Scorer:
     def token_values(self, inputs, rows, targets) -> dict[str, torch.Tensor]:
         hidden, head = self.positions(inputs, rows)
         if self.reference is None and set(self.keep) <= {"nll"} and self.word_classes is None:
-            return {"nll": token_nll(hidden, targets, head)}
+            return {"nll": token_nll(hidden, targets, head, self.check)}
         reference = None
         if self.reference is not None:
             ref = self.reference
             reference = ref.positions(inputs.to(ref.device), rows.to(ref.device))
-        return token_details(hidden, targets, head, reference, wanted=self.keep, classes=self.word_classes)
+        return token_details(hidden, targets, head, reference, wanted=self.keep, classes=self.word_classes, check=self.check)
 
 
 def summed_columns(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -203,19 +186,24 @@ def summed_columns(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return columns
 
 
-def token_nll(rows: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
-    """Per-token NLL [N] in float32 from hidden states [N, H] (through head) or logits [N, V]."""
+def token_nll(rows: torch.Tensor, targets: torch.Tensor, head, check: Callable[[], None] | None = None) -> torch.Tensor:
+    """Per-token NLL [N] in float32 from hidden states [N, H] (through head) or logits [N, V];
+    `check` runs before each chunk."""
     vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
     chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
     out = torch.empty(len(targets), dtype=torch.float32, device=rows.device)
     for start in range(0, len(targets), chunk):
+        if check is not None:
+            check()
         part = rows[start : start + chunk]
         logits = (head(part) if head is not None else part).float()  # [chunk, V], where the head lives
         out[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk].to(logits.device), reduction="none")
     return out
 
 
-def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (), classes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def token_details(
+    rows, targets, head, reference=None, wanted: Sequence[str] = (), classes: torch.Tensor | None = None, check: Callable[[], None] | None = None
+) -> dict[str, torch.Tensor]:
     """Per-token values [N] from Q's hidden states (or logits) and, when given, the reference model
     P's (rows, head), a chunk of rows at a time so no [N, V] tensor is held. The NLL equals
     token_nll's bit for bit (log-softmax, then the target's entry, as cross_entropy computes it).
@@ -224,7 +212,8 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
     taken about the mean (the same quantity as E[(log q)^2] - mu^2, without its cancellation in
     float32); z is 0 where the distribution is a point mass (sigma = 0).
 
-    With `classes` [V, 3] (0/1 indicators), each class's log-probability: log sum_v q(v) c(v)."""
+    With `classes` [V, 3] (0/1 indicators), each class's log-probability: log sum_v q(v) c(v).
+    `check` runs before each chunk."""
     vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
     if reference is not None:
         ref_rows, ref_head = reference
@@ -236,6 +225,8 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
     names += list(CLASS_VALUES) if classes is not None else []
     out = {name: torch.empty(len(targets), dtype=torch.float32, device=rows.device) for name in names}
     for start in range(0, len(targets), chunk):
+        if check is not None:
+            check()
         part = slice(start, start + chunk)
         logq = F.log_softmax((head(rows[part]) if head is not None else rows[part]).float(), dim=-1)  # [c, V], where the head lives
         target = targets[part].unsqueeze(1).to(logq.device)  # [c, 1]
@@ -268,22 +259,10 @@ def token_details(rows, targets, head, reference=None, wanted: Sequence[str] = (
     return out
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_rows: int | None = None, same_length: bool = False) -> list[list[int]]:
-    """Group job indices, longest first, so that rows * longest length <= max_batch_tokens (and
-    rows <= max_rows; with `same_length`, no padding: jobs of one length a batch).
-
-    Sorting by length keeps padding small; a job longer than the budget gets a batch of its own.
-    The plan depends only on the lengths, so it is the same on every run.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        fits = batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens and len(batches[-1]) != max_rows
-        if fits and (not same_length or lengths[i] == lengths[batches[-1][0]]):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder's blocks: the children of the model's longest ModuleList (layers, h, blocks)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
 
 
 def keep_freed_memory() -> None:
