@@ -57,7 +57,20 @@ def text_record(item: str | dict, text_field: str, k: int) -> dict:
 
 def load(model: str = DEFAULT_MODEL, **options: Any) -> tuple[Any, Any]:
     """A model and its tokenizer, loaded as `ppl-eval run --model MODEL` loads them (options: revision,
-    dtype, device, device_map, quantize, ...), to score many lists without loading it again."""
+    dtype, device, device_map, quantize, ...), to score many lists without loading it again. With
+    engine="vllm": a started vllm.LLM (options: tensor_parallel_size, vllm_args, ..., and the
+    window or lengths it must hold, default the run's: the model's context, at most 2048)."""
+    if options.get("engine") == "vllm":
+        from .engine.conventions import MAX_DEFAULT_WINDOW
+        from .engine.vllm_engine import open_model
+
+        config = Config(model=model, **options)
+        handle = open_model(config)
+        window = config.lengths[-1] if config.lengths else config.window or min(handle.context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+        llm, log = handle.launch(config, window)
+        if log is not None:
+            log.discard()
+        return llm, handle.tokenizer
     from .engine.loading import load_model
 
     lm = load_model(Config(model=model, **options))

@@ -17,6 +17,7 @@ from .config import (
     ATTENTIONS,
     BANDS,
     CONVENTIONS,
+    DEFAULT_CONCURRENCY,
     DETOKENIZERS,
     DOC_SPLITS,
     DTYPES,
@@ -76,11 +77,18 @@ def cli():
 @optgroup.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
 @optgroup.option("--allow-pickle", is_flag=True, help="Load pickled .bin/.pt weights (they can run code).")
 @optgroup.group("Engine")
-@optgroup.option("--engine", type=click.Choice(ENGINES), help="What computes the log-probabilities: transformers (default) or vllm (docs/engines.md).")
+@optgroup.option("--engine", type=click.Choice(ENGINES), help="What computes the log-probabilities: transformers (default), vllm, or served (an http(s) --model) (docs/engines.md).")
 @optgroup.option("--tensor-parallel-size", type=int, help="vllm: GPUs each layer is split over.")
 @optgroup.option("--pipeline-parallel-size", type=int, help="vllm: stages of layers on successive GPUs or nodes (with --vllm-arg distributed_executor_backend=ray).")
 @optgroup.option("--gpu-memory-utilization", type=float, help="vllm: the share of each GPU's memory it may use (its CPU build: of RAM).")
 @optgroup.option("--vllm-arg", "vllm_args", multiple=True, metavar="KEY=VALUE", help="vllm: any engine argument, repeatable; the value read as JSON where it parses (quantization=fp8, kv_cache_dtype=fp8).")
+@optgroup.option("--served-model", help="A served model (--model http(s)://host/v1): its name on the server (default: the one it lists).")
+@optgroup.option("--tokenizer", help="A served model's tokenizer, loaded here: a hub id or folder (default: the served model's name).")
+@optgroup.option("--api-key-env", metavar="NAME", help="The environment variable holding the server's key (default: OPENAI_API_KEY, when set).")
+@optgroup.option("--concurrency", type=int, help=f"A served model's requests in flight (default: {DEFAULT_CONCURRENCY}).")
+@optgroup.option("--max-retries", type=int, help="Retries of a request the server fails (timeouts, refused, 429, 5xx), with backoff (default: 8).")
+@optgroup.option("--request-timeout", type=float, help="Seconds a request may take (default: 600).")
+@optgroup.option("--insecure", is_flag=True, help="https without verifying the server's certificate.")
 @optgroup.group("Data")
 @optgroup.option("--data", multiple=True, help="A file (.jsonl/.json/.csv/.parquet/.txt/.md/.tokens, each also .gz/.bz2/.xz/.zst), a quoted glob, a directory, a URL, - for stdin, wikitext or a hub dataset id; repeat for several, read in order. Default: python-docstrings.")
 @optgroup.option("--data-config", help="Hub dataset configuration name.")

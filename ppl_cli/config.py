@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import PplError
 
-ENGINES = ("transformers", "vllm")  # what computes the log-probabilities (docs/engines.md)
+ENGINES = ("transformers", "vllm", "served")  # what computes the log-probabilities (docs/engines.md)
+DEFAULT_CONCURRENCY = 16  # a served model's requests in flight
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")  # --attn-implementation, as from_pretrained takes it
 QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-int4", "quanto-int8", "quanto-int4")  # --quantize
@@ -55,11 +56,19 @@ class Config:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt weights, which can run code while unpickling
     # Engine: what turns the windows into log-probabilities
-    engine: str = "transformers"  # transformers (this process) or vllm
+    engine: str | None = None  # transformers (this process), vllm, or served (None: served for an http(s) --model, else transformers)
     tensor_parallel_size: int | None = None  # vllm: GPUs each layer is split over (None: vLLM's default, 1)
     pipeline_parallel_size: int | None = None  # vllm: stages of layers on successive GPUs or nodes (None: 1)
     gpu_memory_utilization: float | None = None  # vllm: the share of each GPU's memory it may use (its CPU build: of RAM)
     vllm_args: tuple[str, ...] = ()  # vllm: any engine argument as KEY=VALUE, the value read as JSON where it parses
+    # A served model: --model http(s)://host/v1, an OpenAI-compatible server (docs/engines.md)
+    served_model: str | None = None  # its name on the server (None: the one /v1/models lists)
+    tokenizer: str | None = None  # the tokenizer ppl-eval loads (None: the served model's name)
+    api_key_env: str | None = None  # the environment variable holding the key (None: OPENAI_API_KEY, when set)
+    concurrency: int | None = None  # requests in flight (None: DEFAULT_CONCURRENCY)
+    max_retries: int = 8  # tries after the first, for a request the server fails (timeouts, refused, 429, 5xx)
+    request_timeout: float = 600.0  # seconds a request may take
+    insecure: bool = False  # https without verifying the server's certificate
     # A reference model P scored on the same windows: KL(P || Q) and llama.cpp's statistics
     reference_model: str | None = None
     reference_dtype: str = "auto"
@@ -213,40 +222,57 @@ class Config:
             raise PplError(f"--save-words scores plain documents under the default convention, one pass each: not with {other}")
 
     def check_engine(self) -> None:
-        """The engine's own options, and the options only the transformers engine has (the values
-        that need each position's whole distribution, which vLLM does not return, among them)."""
+        """The engines' own options, and the options only the transformers engine has (the values
+        that need each position's whole distribution, which vLLM and servers do not return, among them)."""
+        url = is_url(self.model)
+        if self.engine is None:
+            object.__setattr__(self, "engine", "served" if url else "transformers")
         if self.engine not in ENGINES:
             raise PplError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if url != (self.engine == "served"):
+            raise PplError("an http(s) --model is a served model (the served engine)" if url else "--engine served scores a model behind a server: give its URL as --model (http://host:8000/v1)")
         given = [f"--{name.replace('_', '-')}" for name in ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization") if getattr(self, name) is not None]
         given += ["--vllm-arg"] if self.vllm_args else []
-        if self.engine != "vllm":
-            if given:
-                raise PplError(f"{given[0]} applies to --engine vllm")
+        if given and self.engine != "vllm":
+            raise PplError(f"{given[0]} applies to --engine vllm")
+        served = [f"--{name.replace('_', '-')}" for name in ("served_model", "tokenizer", "api_key_env", "concurrency") if getattr(self, name) is not None]
+        served += [f"--{name.replace('_', '-')}" for name, default in (("max_retries", 8), ("request_timeout", 600.0), ("insecure", False)) if getattr(self, name) != default]
+        if served and self.engine != "served":
+            raise PplError(f"{served[0]} applies to a served model (--model http(s)://host/v1)")
+        if self.engine == "transformers":
             return
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name, low in (("tensor_parallel_size", 1), ("pipeline_parallel_size", 1), ("concurrency", 1), ("max_retries", 0)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PplError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            if value is not None and value < low:
+                raise PplError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        if self.request_timeout <= 0:
+            raise PplError(f"--request-timeout must be more than 0 seconds, got {self.request_timeout}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise PplError(f"--gpu-memory-utilization is a share of the memory in (0, 1], not {self.gpu_memory_utilization}")
         parse_engine_args(self.vllm_args)
+        engine = "--engine vllm" if self.engine == "vllm" else "a served model"
         instead = {
-            "device_map": "--device-map places layers for the transformers engine; vLLM spreads a model with --tensor-parallel-size and --pipeline-parallel-size",
-            "quantize": "--quantize is the transformers engine's; vLLM quantizes with --vllm-arg quantization=NAME (fp8, ...) or loads a quantized checkpoint",
-            "attn_implementation": "--attn-implementation is the transformers engine's; vLLM chooses its own attention kernels",
-            "threads": "--threads sets torch's threads for the transformers engine; vLLM's CPU build takes VLLM_CPU_OMP_THREADS_BIND",
-            "reference_model": "--reference-model needs each position's whole distribution (for KL), which --engine vllm does not return; use --engine transformers",
+            "device_map": f"--device-map places layers for the transformers engine; {'vLLM spreads a model with --tensor-parallel-size and --pipeline-parallel-size' if self.engine == 'vllm' else 'a server places its own'}",
+            "quantize": f"--quantize is the transformers engine's; {'vLLM quantizes with --vllm-arg quantization=NAME (fp8, ...) or loads a quantized checkpoint' if self.engine == 'vllm' else 'a server runs the model as it is served'}",
+            "attn_implementation": f"--attn-implementation is the transformers engine's; {engine} chooses its own attention kernels",
+            "threads": f"--threads sets torch's threads for the transformers engine; {'vLLM CPU build takes VLLM_CPU_OMP_THREADS_BIND' if self.engine == 'vllm' else 'a server has its own'}",
+            "reference_model": f"--reference-model needs each position's whole distribution (for KL), which {engine} does not return; use --engine transformers",
+            "revisions": f"--revisions are hub revisions loaded by the transformers engine or vLLM, not {engine}" if self.engine == "served" else None,
         }
         for name, why in instead.items():
-            if getattr(self, name):
+            if getattr(self, name) and why:
                 raise PplError(why)
         if self.device != "auto":
-            raise PplError("--device: vLLM runs where its build does (CUDA_VISIBLE_DEVICES picks the GPUs); leave --device out with --engine vllm")
+            where = "vLLM runs where its build does (CUDA_VISIBLE_DEVICES picks the GPUs)" if self.engine == "vllm" else "a served model runs on its server"
+            raise PplError(f"--device: {where}; leave --device out")
         if self.save_words and self.bow_correction is not False:
             raise PplError(
-                "--save-words' beginning-of-word correction needs each position's whole distribution, which --engine vllm does not return;"
+                f"--save-words' beginning-of-word correction needs each position's whole distribution, which {engine} does not return;"
                 " add --no-bow-correction for uncorrected word surprisals, or use --engine transformers"
             )
+        if self.engine == "served" and (self.revision or self.dtype != "auto" or self.allow_pickle):
+            given = "--revision" if self.revision else "--dtype" if self.dtype != "auto" else "--allow-pickle"
+            raise PplError(f"{given}: a served model is the one its server loaded, as it loaded it")
 
     @property
     def sampled(self) -> bool:
@@ -271,7 +297,7 @@ class Config:
     @property
     def is_series(self) -> bool:
         """Several models: --model given several times, a glob of checkpoint folders, or --revisions."""
-        return bool(self.series or self.revisions or GLOB.search(self.model))
+        return bool(self.series or self.revisions or (GLOB.search(self.model) and not is_url(self.model)))
 
     @property
     def conditional(self) -> str | None:
@@ -310,8 +336,10 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """The fields as JSON holds them (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The fields as JSON holds them (tuples as lists; a served model's URL without credentials or query)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        out["model"] = public_url(self.model)
+        return out
 
 
 def field_names(cls=Config) -> list[str]:
@@ -434,6 +462,24 @@ def parse_engine_args(pairs: tuple[str, ...]) -> dict:
             raise PplError(f"--vllm-arg {key} must stay {json.dumps(fixed)}: {why}")
         out[key] = value
     return out
+
+
+def is_url(model: str) -> bool:
+    """An http(s) --model: a served model."""
+    return model.startswith(("http://", "https://"))
+
+
+def public_url(text: str) -> str:
+    """A URL as ppl-eval writes and prints it: without credentials, query string or fragment."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not is_url(text):
+        return text
+    parts = urlsplit(text)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -6,6 +6,7 @@ EXIT_DATA = 3  # data source missing, unreadable or empty
 EXIT_MODEL = 4  # model missing, not a causal LM, cannot load
 EXIT_OUTPUT = 5  # output directory not writable or holding another run
 EXIT_NUMERIC = 6  # a non-finite log-probability
+EXIT_SERVER = 7  # a served model's server stopped answering, refused the key, or answered wrongly
 EXIT_BROKEN_PIPE = 141  # stdout's reader went away (128 + SIGPIPE, what a process killed by it returns)
 
 

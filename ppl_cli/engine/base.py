@@ -8,6 +8,7 @@ rows. One file per engine:
 
 - transformers_engine.py: a transformers model in this process (batched forward passes, the LM head chunked)
 - vllm_engine.py: vLLM in this process (its worker processes, tensor and pipeline parallel, Ray)
+- served_engine.py: a model behind an OpenAI-compatible server (vLLM's, SGLang's), many requests in flight
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from ..errors import PplError
 
 class Job(NamedTuple):
     """One window to score: its tokens, of which tokens[context:] are scored.
@@ -59,6 +62,15 @@ WHOLE_DISTRIBUTION = {  # per-token values that need every token's probability a
     "kld": "--reference-model",
     "bow": "--save-words' beginning-of-word correction",
 }
+
+
+class WindowError(PplError):
+    """What went wrong with one job (its index in the jobs given to stream()), for the caller to
+    name its document and window."""
+
+    def __init__(self, job: int, message: str, exit_code: int):
+        super().__init__(message, exit_code)
+        self.job = job
 
 
 class Engine:

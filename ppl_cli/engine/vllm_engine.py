@@ -80,36 +80,40 @@ class VllmModel:
 
     def start(self, config: Config, window: int, keep: Sequence[str], max_batch_tokens: int | None) -> VllmEngine:
         """The engine, with room for windows of `window` tokens (max_model_len = window + 1)."""
-        vllm = import_vllm()
+        import vllm
+
         owned = self.llm is None
-        log = None
-        if owned:
-            arguments = engine_arguments(config, self, window)
-            with engine_log() as log, allowed_length(window + 1 > (self.context_length or window + 1)), offline(self.offline):
-                try:
-                    llm = vllm.LLM(**arguments)
-                except Exception as e:  # vLLM raises ValueError, RuntimeError, OOM, ... for what it cannot run
-                    raise PplError(start_failure(config.model, e, log), EXIT_MODEL) from None
-            if not verbose():
-                logging.getLogger("vllm").setLevel(logging.ERROR)
-        else:
-            llm = self.llm
+        llm, log = self.launch(config, window) if owned else (self.llm, None)
         model_config = llm.llm_engine.model_config
         check_model_config(model_config, window)
         self.info["dtype"] = str(model_config.dtype).removeprefix("torch.")
+        parallel = llm.llm_engine.vllm_config.parallel_config
         self.info["engine"] = {
             "name": "vllm",
             "version": vllm.__version__,
             "logprobs_mode": str(model_config.logprobs_mode),
             "max_model_len": model_config.max_model_len,
-            "tensor_parallel_size": llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size,
-            "pipeline_parallel_size": llm.llm_engine.vllm_config.parallel_config.pipeline_parallel_size,
+            "tensor_parallel_size": parallel.tensor_parallel_size,
+            "pipeline_parallel_size": parallel.pipeline_parallel_size,
             "quantization": model_config.quantization,
             "args": parse_engine_args(config.vllm_args),
             **({"started": "by the caller"} if not owned else {}),
         }
-        vocab = self.info["vocab_size"]
-        return VllmEngine(llm, keep, max_batch_tokens or max(DEFAULT_BATCH_TOKENS, window), self.info["dtype"], vocab, owned, log)
+        batch_tokens = max_batch_tokens or max(DEFAULT_BATCH_TOKENS, window)
+        return VllmEngine(llm, keep, batch_tokens, self.info["dtype"], self.info["vocab_size"], owned, log)
+
+    def launch(self, config: Config, window: int) -> tuple[Any, EngineLog | None]:
+        """vllm.LLM for windows of `window` tokens, and the log its start-up went to (outside -v)."""
+        vllm = import_vllm()
+        arguments = engine_arguments(config, self, window)
+        with engine_log() as log, allowed_length(window + 1 > (self.context_length or window + 1)), offline(self.offline):
+            try:
+                llm = vllm.LLM(**arguments)
+            except Exception as e:  # vLLM raises ValueError, RuntimeError, OOM, ... for what it cannot run
+                raise PplError(start_failure(config.model, e, log), EXIT_MODEL) from None
+        if not verbose():
+            logging.getLogger("vllm").setLevel(logging.ERROR)
+        return llm, log
 
 
 def open_model(config: Config) -> VllmModel:

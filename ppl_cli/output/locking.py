@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..config import public_url
 from ..errors import EXIT_OUTPUT, PplError, PplWarning
 
 LOCK_NAME = ".ppl-eval.lock"  # inside an output directory
@@ -81,7 +82,8 @@ class OutputLock:
 
 
 def holder_text() -> str:
-    command = " ".join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]])[:300]
+    """pid, host and command line, a served model's URL without its credentials or query."""
+    command = " ".join([os.path.basename(sys.argv[0]) or "python", *(public_url(a) for a in sys.argv[1:])])[:300]
     return f"pid {os.getpid()} on {socket.gethostname()}: {command}\n"
 
 

@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..engine.base import WindowError
 from ..engine.conventions import Windowing, conditional_windows, first_token_replacement, windows
 from ..engine.tokenizing import Tokenized, digest_hex
 from ..engine.windows import Window
+from ..errors import PplError
 from .kl_statistics import REFERENCE_SUMS, document_histograms
 from .metrics import count_bytes, count_words, unit_metrics
 from .run_directory import CONTEXTS_STEM, REFERENCE_STEM
@@ -171,6 +173,9 @@ class GroupScoring:
                     self.hand_on()
                 stop.check()
                 started = time.perf_counter()
+        except WindowError as e:  # named by its document and window, which the engine does not know
+            item, window = self.group[self.parts[e.job].doc], self.parts[e.job].window
+            raise PplError(f"document {item.index} ({item.document.id}), the window of tokens {window.begin}-{window.end}: {e}", e.exit_code) from None
         finally:
             self.hand_on()
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
-from ..config import ENGINE_PERFORMANCE_ARGS, Config, parse_engine_args
+from ..config import ENGINE_PERFORMANCE_ARGS, Config, parse_engine_args, public_url
 from ..data.records import MISSING_GROUP, SOURCE_KEYS
 from ..data.sources import Source
 from ..engine.conventions import Windowing
@@ -220,10 +220,10 @@ def run_identity(
     `conditional`: how documents are scored given a context (the mode, the chat template's hash);
     `words`: --save-words' field and whether the correction is on."""
     return {
-        "model": config.model,
+        "model": public_url(config.model),
         "revision": config.revision,
         "dtype": model_info["dtype"],
-        **engine_identity(config),
+        **engine_identity(config, model_info),
         **input_identity(sources, config),
         "shard": config.shard,
         "convention": windowing.convention,
@@ -242,11 +242,14 @@ def run_identity(
     }
 
 
-def engine_identity(config: Config) -> dict:
-    """The engine, where it is not transformers (runs made before there were engines record none),
-    and the --vllm-arg values that can change the numbers (a quantization, the KV cache's dtype)."""
+def engine_identity(config: Config, model_info: dict) -> dict:
+    """The engine, where it is not transformers (runs made before there were engines record none):
+    the --vllm-arg values that can change the numbers (a quantization, the KV cache's dtype), a
+    served model's name on its server."""
     if config.engine == "transformers":
         return {}
+    if config.engine == "served":
+        return {"engine": "served", "served_model": model_info["engine"]["served_model"]}
     arguments = {k: v for k, v in parse_engine_args(config.vllm_args).items() if k not in ENGINE_PERFORMANCE_ARGS}
     return {"engine": config.engine, **({"engine_args": arguments} if arguments else {})}
 
