@@ -42,7 +42,7 @@ class TransformersEngine(Engine):
         [V, 3]: the word-start classes' indicators, kept as CLASS_VALUES (word_starts.py)."""
         self.one_window = one_window
         self.fresh_positions = fresh_positions
-        self.word_classes = word_classes.to(device) if word_classes is not None else None
+        self.word_classes = word_classes.to(device, torch.float64) if word_classes is not None else None
         self.model = model
         self.device = device
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -206,13 +206,15 @@ def token_details(
 ) -> dict[str, torch.Tensor]:
     """Per-token values [N] from Q's hidden states (or logits) and, when given, the reference model
     P's (rows, head), a chunk of rows at a time so no [N, V] tensor is held. The NLL equals
-    token_nll's bit for bit (log-softmax, then the target's entry, as cross_entropy computes it).
+    token_nll's bit for bit (log-softmax, then the target's entry, as cross_entropy computes it),
+    but with `classes`, where it is computed in float64 as they are.
 
     z (Min-K%++): mu = sum_v q(v) log q(v) and sigma^2 = sum_v q(v) (log q(v) - mu)^2, the variance
     taken about the mean (the same quantity as E[(log q)^2] - mu^2, without its cancellation in
     float32); z is 0 where the distribution is a point mass (sigma = 0).
 
-    With `classes` [V, 3] (0/1 indicators), each class's log-probability: log sum_v q(v) c(v).
+    With `classes` [V, 3] (0/1 indicators), each class's log-probability: log sum_v q(v) c(v),
+    computed (and the NLL with it) in float64 from the float32 logits.
     `check` runs before each chunk."""
     vocab = head.weight.shape[0] if head is not None else rows.shape[-1]
     if reference is not None:
@@ -220,7 +222,8 @@ def token_details(
         ref_vocab = ref_head.weight.shape[0] if ref_head is not None else ref_rows.shape[-1]
         if ref_vocab != vocab:
             raise PplError(f"the models' vocabularies differ in size ({vocab} vs {ref_vocab} for the reference)", EXIT_MODEL)
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab // ((3 if reference is not None else 2) + ("z" in wanted)))
+    # [c, V] float32 tensors held at once: logits and log q, P's with a reference, one for z, the float64 log q for the classes
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab // ((3 if reference is not None else 2) + ("z" in wanted) + 2 * (classes is not None)))
     names = ["nll", *(n for n in ("entropy", "rank", "z") if n in wanted)] + (["ref_nll", "kld", "same_top", "delta_p"] if reference else [])
     names += list(CLASS_VALUES) if classes is not None else []
     out = {name: torch.empty(len(targets), dtype=torch.float32, device=rows.device) for name in names}
@@ -228,15 +231,24 @@ def token_details(
         if check is not None:
             check()
         part = slice(start, start + chunk)
-        logq = F.log_softmax((head(rows[part]) if head is not None else rows[part]).float(), dim=-1)  # [c, V], where the head lives
-        target = targets[part].unsqueeze(1).to(logq.device)  # [c, 1]
-        own = logq.gather(1, target)  # [c, 1]
-        out["nll"][part] = -own[:, 0]
-        q = logq.exp() if "entropy" in out or "z" in out or classes is not None else None  # [c, V]
-        if classes is not None:
-            out_classes = (q @ classes.to(q.device)).log()  # [c, 3]
+        logits = (head(rows[part]) if head is not None else rows[part]).float()  # [c, V], where the head lives
+        target = targets[part].unsqueeze(1).to(logits.device)  # [c, 1]
+        if classes is not None:  # words: each log-probability and class mass to 1e-7 nats (float32 sums of 1e4-1e5 terms drift by 1e-5 to 1e-4)
+            exact = logits.double()
+            exact = exact.sub_(torch.logsumexp(exact, -1, keepdim=True))  # [c, V]: log q in float64
+            out["nll"][part] = -exact.gather(1, target)[:, 0]
+            out_classes = (exact.exp_() @ classes.to(exact.device, torch.float64)).log()  # [c, 3]
+            del exact
             for k, name in enumerate(CLASS_VALUES):
                 out[name][part] = out_classes[:, k]
+            if set(out) <= {"nll", *CLASS_VALUES}:
+                continue
+        logq = F.log_softmax(logits, dim=-1)
+        del logits
+        own = logq.gather(1, target)  # [c, 1]
+        if classes is None:
+            out["nll"][part] = -own[:, 0]
+        q = logq.exp() if "entropy" in out or "z" in out else None  # [c, V]
         if "entropy" in out or "z" in out:
             mu = (q * logq).sum(-1)  # [c], minus the entropy
             if "entropy" in out:
