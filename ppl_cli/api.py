@@ -60,6 +60,14 @@ def load(model: str = DEFAULT_MODEL, **options: Any) -> tuple[Any, Any]:
     dtype, device, device_map, quantize, ...), to score many lists without loading it again. With
     engine="vllm": a started vllm.LLM (options: tensor_parallel_size, vllm_args, ..., and the
     window or lengths it must hold, default the run's: the model's context, at most 2048)."""
+    from .runtime.progress import library_bars
+
+    with library_bars():
+        return loaded(model, options)
+
+
+def loaded(model: str, options: dict) -> tuple[Any, Any]:
+    """load()'s work, other libraries' bars off."""
     if options.get("engine") == "vllm":
         from .engine.conventions import MAX_DEFAULT_WINDOW
         from .engine.vllm_engine import open_model

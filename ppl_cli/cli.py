@@ -29,7 +29,12 @@ from .config import (
     SELECT_METRICS,
     build_config,
 )
-from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning, Stopped, first_line
+from .errors import EXIT_BROKEN_PIPE, PplError, PplWarning, Stopped, first_line, speaking_cli
+
+DOCS_POINTER = (
+    "Every option and number is defined in ppl-eval's documentation: README.md and the docs/ folder of its"
+    " source (what is measured, data, running, engines, prompts, comparing, the report, selection, the cluster, the Python API)."
+)
 
 # Loggers that speak when transformers imports them, whether or not a run uses them: torchao's
 # "Failed to load" of its CUDA kernels on a CPU machine, torch's pytree deprecation notes.
@@ -40,6 +45,10 @@ class OneLineErrors(click.Group):
     """click's command group, but a bad option, value or command is one `ppl-eval: error:` line and exit 2."""
 
     def main(self, *args, **kwargs):
+        with speaking_cli():  # messages name the options, not Config's keywords
+            return self.run_main(*args, **kwargs)
+
+    def run_main(self, *args, **kwargs):
         if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
         try:
@@ -54,17 +63,19 @@ class OneLineErrors(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]}, epilog=DOCS_POINTER)
 @click.version_option(package_name="ppl-eval")
 def cli():
-    """Exact, resumable corpus perplexity for Hugging Face causal language models."""
+    """Exact, resumable corpus perplexity for Hugging Face causal language models.
+
+    Start with `ppl-eval run` (the offline demo), then `ppl-eval run --help`."""
     warnings.showwarning = show_warning
     warnings.filterwarnings("always", category=PplWarning)  # every run's, not once per process
     for noisy in LIBRARY_IMPORT_NOISE:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-@cli.command()
+@cli.command(short_help="Score documents with a causal LM and report perplexity.", epilog=DOCS_POINTER)
 @optgroup.group("Model")
 @optgroup.option("--model", multiple=True, help="Hub id, model directory, .gguf file or `smollm2-135m` (default); several, or a quoted glob of checkpoint folders, for a series.")
 @optgroup.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
@@ -116,6 +127,7 @@ def cli():
 @optgroup.option("--window", type=int, help="Tokens per window (default: model context, at most 2048).")
 @optgroup.option("--stride", type=int, help="Tokens between window starts (default: window/2).")
 @optgroup.option("--add-bos/--no-add-bos", default=None, help="Prefix each document with BOS (default: if the tokenizer has one).")
+@optgroup.option("--bos-token", metavar="TOKEN", help="The start token before each document, as the tokenizer writes it (default: its BOS, e.g. <|endoftext|>).")
 @optgroup.option("--convention", type=click.Choice(CONVENTIONS), help="Whose windows and counts: sliding (default), hf-recipe, lm-eval, llama-cpp.")
 @optgroup.option("--detokenize", type=click.Choice(DETOKENIZERS), help="wikitext: lm-eval's WikiText detokenizer before scoring.")
 @optgroup.option("--lengths", help="Perplexity at several context lengths from one pass: 2048,4096,8192 or start:stop:step; each document's first L tokens (with --stride: sliding windows of L).")
@@ -140,6 +152,7 @@ def cli():
 @optgroup.option("--seed", type=int, help="Seed of the bootstrap interval (default: 0).")
 @optgroup.option("--bootstrap-samples", type=int, help="Bootstrap resamples; 0 turns the interval off (default: 1000).")
 @optgroup.option("-q", "--quiet", is_flag=True, help="No progress bar or loading messages on stderr (with --jsonl, no summary either).")
+@optgroup.option("-v", "--verbose", is_flag=True, help="Other libraries' output too: their loading bars, vLLM's log.")
 @optgroup.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; CLI options override it.")
 @optgroup.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @optgroup.group("Performance and scale-out")
@@ -147,7 +160,7 @@ def cli():
 @optgroup.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
 @optgroup.option("--shard", help="Score only shard I of N (I/N: documents whose index is I mod N); combine with `ppl-eval merge`.")
 @click.pass_context
-def run(ctx, config_file, as_json, as_jsonl, quiet, debug, **options):
+def run(ctx, config_file, as_json, as_jsonl, quiet, verbose, debug, **options):
     """Score documents with a causal LM and report perplexity.
 
     \b
@@ -168,8 +181,10 @@ def run(ctx, config_file, as_json, as_jsonl, quiet, debug, **options):
     def work():
         if as_json and as_jsonl:
             raise PplError("--json and --jsonl would both write to stdout; choose one")
+        if quiet and verbose:
+            raise PplError("--quiet and --verbose: choose one")
         config = build_config(config_file, **given)
-        announce(not quiet and main_rank)
+        announce(not quiet and main_rank, verbose)
         if quiet:
             silence_libraries()
         if config.is_series:
@@ -205,7 +220,7 @@ def print_rows(rows: list[dict]) -> None:
     out.flush()
 
 
-@cli.command()
+@cli.command(short_help="Join the shards of a run, or runs over different data, into one report.")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for the merged report.")
 @click.option("--allow-partial", is_flag=True, help="Merge even if shards are missing; the summary reports coverage.")
@@ -230,7 +245,7 @@ def merge(dirs, output, allow_partial, overwrite, as_json, debug):
     print_summary(guarded(work, debug), as_json)
 
 
-@cli.command()
+@cli.command(short_help="Compare runs with a baseline: paired intervals and p-values.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--allow-different-data", is_flag=True, help="Compare the documents every run scored (matched by index and id).")
 @click.option("--allow-different-windowing", is_flag=True, help="Compare runs that scored the same documents with other windows, conventions or --chat-wrap.")
@@ -263,7 +278,7 @@ def compare(runs, as_json, markdown, debug, **options):
         click.echo(format_markdown(comparison) if markdown else format_comparison(comparison))
 
 
-@cli.command()
+@cli.command(short_help="One self-contained HTML page about one run or several.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
 @click.option("--png", type=click.Path(file_okay=False), help="Also write the plots as PNG files into this folder.")
@@ -292,7 +307,7 @@ def report(runs, output, png, documents, tokens, debug):
     )
 
 
-@cli.command()
+@cli.command(short_help="Keep a corpus's records by perplexity: thresholds, bands, buckets.")
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options (a recipe); CLI options override it.")
 @click.option("-o", "--output", help="A .jsonl, .jsonl.gz, .jsonl.zst or .parquet file; a folder with --buckets; - for JSON Lines on stdout.")
@@ -398,16 +413,17 @@ class EchoHandler(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
-def announce(loud: bool) -> None:
+def announce(loud: bool, verbose: bool = False) -> None:
     """ppl-eval's own progress lines (loading a model, resuming a run) on stderr, one line each,
-    unless --quiet (or on a torchrun rank but the first)."""
+    unless --quiet (or on a torchrun rank but the first); with --verbose at DEBUG, which also lets
+    other libraries' bars and vLLM's log through (runtime.progress.library_bars, engine.vllm_engine)."""
     logger = logging.getLogger("ppl_cli")
     if not logger.handlers:
         handler = EchoHandler()
         handler.setFormatter(logging.Formatter("ppl-eval: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.INFO if loud else logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose and loud else logging.INFO if loud else logging.WARNING)
 
 
 def silence_libraries():

@@ -107,6 +107,7 @@ class Config:
     window: int | None = None  # None: the model's context length, capped at 2048
     stride: int | None = None  # None: window // 2
     add_bos: bool | None = None  # None: yes when the tokenizer has a BOS (or end-of-text) token
+    bos_token: str | None = None  # the start token put before each document (None: the tokenizer's BOS)
     # Context lengths: perplexity at each length of a document's prefix (or, with a stride, of sliding windows that long)
     lengths: tuple[int, ...] = ()  # "2048,4096" or "1024:8192:1024" as the CLI gives it
     min_tokens: int | None = None  # the prefix protocol's bar (None: the largest length); documents shorter are skipped
@@ -190,6 +191,7 @@ class Config:
         self.check_lengths()
         self.check_words()
         self.check_engine()
+        self.check_bos_token()
 
     def check_lengths(self) -> None:
         if not self.lengths:
@@ -273,6 +275,19 @@ class Config:
         if self.engine == "served" and (self.revision or self.dtype != "auto" or self.allow_pickle):
             given = "--revision" if self.revision else "--dtype" if self.dtype != "auto" else "--allow-pickle"
             raise PplError(f"{given}: a served model is the one its server loaded, as it loaded it")
+
+    def check_bos_token(self) -> None:
+        if self.bos_token is None:
+            return
+        if not self.bos_token:
+            raise PplError("--bos-token needs a token (its text as the tokenizer writes it, e.g. '<|endoftext|>')")
+        if self.add_bos is False:
+            raise PplError("--bos-token and --no-add-bos: choose one (a start token, or none)")
+        if self.convention in ("hf-recipe", "lm-eval"):
+            rule = "adds no special token" if self.convention == "hf-recipe" else "always prefixes its prefix token (the tokenizer's BOS, else EOS)"
+            raise PplError(f"--bos-token does not apply to --convention {self.convention}: it {rule}")
+        if self.conditional in ("conversations", "chat-wrap"):
+            raise PplError("--bos-token: the chat template decides the special tokens of a conversation")
 
     @property
     def sampled(self) -> bool:
@@ -404,18 +419,19 @@ def build_config(config_file: str | None = None, cls=Config, **overrides):
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
-    """--lengths: "2048,4096,8192" or "start:stop:step" (stop included) -> the lengths, ascending."""
+    """--lengths: "2048,4096,8192" or "start:stop:step" (stop included) -> the lengths, ascending;
+    a count may end in k (x 1024): "2k,4k,8k", "1k:8k:1k"."""
     text = text.strip()
     try:
         if ":" in text:
-            start, stop, step = (int(part) for part in text.split(":"))
+            start, stop, step = (token_count(part) for part in text.split(":"))
             if step < 1 or stop < start:
                 raise ValueError
             lengths = range(start, stop + 1, step)
         else:
-            lengths = [int(part) for part in text.split(",") if part.strip()]
+            lengths = [token_count(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise PplError(f"--lengths must be a list of token counts (2048,4096) or start:stop:step (1024:8192:1024), not {text!r}") from None
+        raise PplError(f"--lengths must be a list of token counts (2048,4096 or 2k,4k) or start:stop:step (1024:8192:1024), not {text!r}") from None
     if not lengths:
         raise PplError("--lengths needs at least one length")
     return tuple(sorted(set(lengths)))
@@ -480,6 +496,12 @@ def public_url(text: str) -> str:
     if ":" in host:  # IPv6
         host = f"[{host}]"
     return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
+
+
+def token_count(text: str) -> int:
+    """A count of tokens: 4096, or 4k (k = 1024, as context lengths are quoted)."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -1,4 +1,12 @@
-"""One exception type for every failure a user can fix; the CLI prints its message as one line."""
+"""One exception type for every failure a user can fix; the CLI prints its message as one line.
+
+Messages name the CLI's options (--save-words, -o/--output). Raised through the Python API, they
+name Config's keywords instead (save_words=True, output): str() of the error says them so, except
+while the CLI runs (`speaking_cli`).
+"""
+
+import re
+from contextlib import contextmanager
 
 # Exit codes, documented in the README.
 EXIT_USAGE = 2  # bad option, config file or combination of options
@@ -10,12 +18,54 @@ EXIT_SERVER = 7  # a served model's server stopped answering, refused the key, o
 EXIT_BROKEN_PIPE = 141  # stdout's reader went away (128 + SIGPIPE, what a process killed by it returns)
 
 
+AUDIENCE = {"cli": False}  # whose names messages use: the CLI's options while the CLI runs, else Config's keywords
+
+
 class PplError(Exception):
     """An error with a one-line message meant for the user, and the exit code to use."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if AUDIENCE["cli"] else python_names(text)
+
+
+@contextmanager
+def speaking_cli():
+    """While the CLI runs, messages name its options."""
+    before = AUDIENCE["cli"]
+    AUDIENCE["cli"] = True
+    try:
+        yield
+    finally:
+        AUDIENCE["cli"] = before
+
+
+def python_names(text: str) -> str:
+    """A message as the Python API says it: each ppl-eval option as its Config keyword (--signals ->
+    signals=True, --no-bow-correction -> bow_correction=False, --window -> window, -o/--output -> output=DIR).
+    Other tools' options (vllm serve --max-model-len) stay as they are."""
+    from .config import Config, field_names
+
+    fields = set(field_names(Config))
+    flags = {name for name in fields if isinstance(getattr(Config, name, None), bool)} | {"bow_correction", "add_bos"}
+    renamed = {"vllm_arg": "vllm_args"}
+
+    def keyword(match: re.Match) -> str:
+        name = renamed.get(match.group(2).replace("-", "_"), match.group(2).replace("-", "_"))
+        if match.group(3):  # --x/--no-x
+            return name if name in fields else match.group(0)
+        if match.group(1) and name in flags:  # --no-x
+            return f"{name}=False"
+        if name not in fields:
+            return match.group(0)
+        return f"{name}=True" if name in flags else name
+
+    text = text.replace("-o/--output", "output=DIR")
+    return re.sub(r"(?<![\w-])--(no-)?([a-z][a-z0-9-]*)(/--no-[a-z0-9-]+)?", keyword, text)
 
 
 class Stopped(PplError):

@@ -24,10 +24,10 @@ from .data.records import BadRecords
 from .data.sampling import sampled
 from .data.sharding import share
 from .data.sources import resolve_sources
-from .engine.conventions import JOINED_CONVENTIONS, prefix, resolve_windowing
+from .engine.conventions import JOINED_CONVENTIONS, prefix, resolve_windowing, start_line
 from .errors import EXIT_DATA, EXIT_MODEL, EXIT_SERVER, PplError, PplWarning, Stopped
-from .output.run_directory import Result, RunDirectory, WriteError, csv_columns
-from .output.summary import Unscored, build_summary, counted, data_description, run_identity
+from .output.run_directory import Result, RunDirectory, WriteError, csv_columns, read_rows
+from .output.summary import Unscored, build_summary, counted, data_description, input_identity, nothing_scored, run_identity
 from .output.token_export import TOKENS_DIR, keep_only_done
 from .output.word_export import WORDS_DIR
 from .runtime.signals import Interrupted, stop_signals
@@ -75,6 +75,7 @@ def evaluate(
     A series of models (several, a glob, --revisions) is evaluate_series's.
     """
     from .runtime import distributed
+    from .runtime.progress import library_bars
 
     if config.is_series:
         raise PplError("this configuration names a series of models; score it with ppl_cli.evaluate_series(config)")
@@ -82,7 +83,8 @@ def evaluate(
     ranks = distributed.start()
     finished = False
     try:
-        result = evaluate_ranks(config, ranks, caller)
+        with library_bars():
+            result = evaluate_ranks(config, ranks, caller)
         finished = True
         return result
     finally:
@@ -105,6 +107,11 @@ def evaluate_ranks(config: Config, ranks, caller: Caller) -> Result:
     stream = DocumentStream(sources, config, mine, caller.stdin, texts=caller.texts)
     stream.check()
     run_dir, spool = open_run_directory(config, ranks)
+    if ranks.world == 1 and caller.model is None and not config.overwrite and all(s.kind == "file" for s in sources):  # inputs known by name and size
+        summary = run_dir.finished(config.to_dict(), input_identity(sources, config))
+        if summary is not None:
+            run_dir.close()
+            return finished_result(summary, run_dir, caller)
     setup = Setup(config, ranks, sources, stream, run_dir, spool, plan, started)
     try:
         return score_into(setup, caller)
@@ -123,22 +130,81 @@ def score_into(setup: Setup, caller: Caller) -> Result:
     if caller.model is not None and is_vllm(caller.model):
         setup.config = config.replace(engine="vllm")
         return score_with(setup, caller, from_llm(caller.model, caller.tokenizer, setup.config))
-    if config.engine == "vllm":
-        return score_with(setup, caller, open_model(config))
-    if config.engine == "served":
+    if config.engine in ("vllm", "served"):
         from .engine.served_engine import open_served
 
-        return score_with(setup, caller, open_served(config))
+        lm = open_model(config) if config.engine == "vllm" else open_served(config)
+        reachable_lengths(setup, caller, lm.tokenizer)
+        return score_with(setup, caller, lm)
     import torch
 
-    from .engine.loading import in_memory, load_model, state_kept
+    from .engine.loading import in_memory, load_model, load_tokenizer, state_kept
 
     if config.threads:
         torch.set_num_threads(config.threads)
     if caller.model is None:  # a tokenizer alone: one already loaded for this model (a series shares one)
-        return score_with(setup, caller, load_model(config, ranks.local_rank, caller.tokenizer))
+        tokenizer = caller.tokenizer
+        if length_scan(setup):
+            tokenizer = tokenizer or load_tokenizer(config)
+            reachable_lengths(setup, caller, tokenizer)
+        return score_with(setup, caller, load_model(config, ranks.local_rank, tokenizer))
     with state_kept(caller.model):
         return score_with(setup, caller, in_memory(caller.model, caller.tokenizer, config))
+
+
+def finished_result(summary: dict, run_dir: RunDirectory, caller: Caller) -> Result:
+    """A finished run's Result, from its files, its model not loaded; --jsonl's rows from documents.jsonl."""
+    logger.info("every document is scored already in %s: its summary stands (--overwrite scores them again)", run_dir.path)
+    if caller.on_rows is not None:
+        for _ in handed_on(read_rows(run_dir.documents), caller.on_rows):
+            pass
+    return Result(summary, run_dir.documents, None)
+
+
+def length_scan(setup: Setup) -> bool:
+    """Whether --lengths' prefix protocol can read its input before the model loads, to find a file
+    of documents too short for it at once: a whole run of re-readable data (not stdin, not a stream)."""
+    config = setup.config
+    return bool(config.lengths) and config.stride is None and not (config.shard or setup.ranks.world > 1 or "-" in config.data or config.streaming or config.sampled)
+
+
+def reachable_lengths(setup: Setup, caller: Caller, tokenizer) -> None:
+    """Read and tokenize documents until one has the tokens --lengths' prefix protocol needs; where
+    none has, the run's error now, before a model loads (a corpus of short paragraphs)."""
+    from .engine.conventions import start_token
+    from .engine.loading import bos_token_id
+    from .engine.tokenizing import TOKENIZE_BATCH, Encoder
+
+    if not length_scan(setup):
+        return
+    config = setup.config
+    bar = max(config.min_tokens or config.lengths[-1], config.lengths[0])
+    starts = config.bos_token is not None or (config.add_bos if config.add_bos is not None else bos_token_id(tokenizer) is not None)
+    if config.bos_token:
+        start_token(config.bos_token, tokenizer)
+    encode = Encoder(tokenizer)
+    skipped = short = longest = 0
+    pending: list[str] = []
+
+    def reached() -> bool:
+        nonlocal short, longest
+        for ids in encode(pending):
+            longest = max(longest, len(ids) + starts)
+            short += 1
+        pending.clear()
+        return longest >= bar
+
+    scan = DocumentStream(setup.sources, config, texts=caller.texts)
+    for _, doc in scan:
+        if not doc.text.strip():
+            skipped += 1
+            continue
+        pending.append(doc.text)
+        if len(pending) == TOKENIZE_BATCH and reached():
+            return
+    if (pending and reached()) or not short:
+        return
+    raise PplError(nothing_scored(", ".join(config.data), skipped + short, short, longest, config.lengths, bar), EXIT_DATA)
 
 
 def score_with(setup: Setup, caller: Caller, lm) -> Result:
@@ -148,6 +214,9 @@ def score_with(setup: Setup, caller: Caller, lm) -> Result:
 
     config, run_dir, ranks = setup.config, setup.run_dir, setup.ranks
     windowing = resolve_windowing(config, lm)
+    line = start_line(windowing, config, lm.tokenizer)
+    if line and ranks.main:
+        logger.info(line)
     ref = load_reference(config, windowing, lm.tokenizer, ranks.local_rank) if config.reference_model else None
     conditional = conditional_sequences(config, lm, windowing)
     words = word_export(config, lm, windowing, run_dir)
@@ -253,7 +322,9 @@ def score_run(setup: Setup, caller: Caller, lm, engine, scoring: Scoring, stop) 
         documents = max(n for _, _, n, _ in parts)
         data_info = data_description(setup.sources, config, documents, add_fingerprints(fingerprint(d) for _, d, _, _ in parts), sampling)
         skipped = sum((t.skipped for t, *_ in parts), Counter())
-        unscored = Unscored(sum(t.short for t, *_ in parts), BadRecords.joined([b for *_, b in parts]) if config.skip_bad_records else None)
+        unscored = Unscored(
+            sum(t.short for t, *_ in parts), BadRecords.joined([b for *_, b in parts]) if config.skip_bad_records else None, max(t.longest_short for t, *_ in parts)
+        )
 
         def summarize(rows, reference=(), contexts=()):
             timings = {
@@ -264,7 +335,7 @@ def score_run(setup: Setup, caller: Caller, lm, engine, scoring: Scoring, stop) 
             if caller.on_rows is not None and ranks.world > 1:
                 rows = handed_on(rows, caller.on_rows)
             summary = build_summary(config, rows, skipped, lm.info, data_info, windowing, timings, ref and ref.info, reference, contexts, unscored)
-            check_something_scored(summary, config)
+            check_something_scored(summary, config, windowing)
             return {**summary, **({"bow_correction": words.described} if words else {}), "ranks": ranks.world}
 
         try:
@@ -333,17 +404,15 @@ def handed_on(rows: Iterable[dict], on_rows: Callable[[list[dict]], None], batch
         on_rows(pending)
 
 
-def check_something_scored(summary: dict, config: Config) -> None:
+def check_something_scored(summary: dict, config: Config, windowing) -> None:
     """A whole run with nothing to score is an error, as an empty file is; one shard of a corpus may
     get only empty documents and still be merged."""
     if summary["documents"] or config.shard:
         return
-    skipped = summary["skipped_documents"]
-    raise PplError(
-        f"nothing to score in {', '.join(config.data)}: its {skipped:,} document{'s' * (skipped != 1)} are all empty or whitespace only"
-        " (or a single token without BOS)",
-        EXIT_DATA,
-    )
+    curve = summary.get("length_curve") or {}
+    bar = max(windowing.min_tokens, windowing.lengths[0]) if windowing.protocol == "prefix" else windowing.min_tokens
+    short, longest = curve.get("too_short_documents", 0), curve.get("longest_too_short", 0)
+    raise PplError(nothing_scored(", ".join(config.data), summary["skipped_documents"], short, longest, windowing.lengths, bar), EXIT_DATA)
 
 
 @dataclass(frozen=True)
@@ -381,7 +450,7 @@ def conditional_sequences(config: Config, lm, windowing) -> ConditionalRun | Non
     empty_context_prefix = [windowing.prefix_id] if lm_eval else pair_prefix
     alone_prefix = None
     if config.ifd:
-        alone_prefix = windowing.prefix_id if lm_eval else lm.bos_id
+        alone_prefix = windowing.prefix_id if lm_eval else (windowing.bos_id if windowing.bos_id is not None else lm.bos_id)
         if alone_prefix is None:
             raise PplError("--ifd scores each continuation alone after a BOS token, and this tokenizer defines none")
     return ConditionalRun(Conditional(layout, mode, pair_prefix, empty_context_prefix, alone_prefix), identity)

@@ -35,8 +35,8 @@ default $PPL_EVAL_VLLM_PYTHON or scripts/vllm_venv.sh's), twice: vLLM's default 
 while the engine starts) and with enforce_eager; each row's start-up (loading, and for vLLM its
 workers, profiling and compiling) is timed apart from its scoring. Its work runs in vLLM's own
 processes, so its peak memory is not this process's and is left out. `--engine served` starts a
-`vllm serve` of the same model from that environment on 127.0.0.1 (its start not timed; the
-server runs with `--served-arg`s, and the in-process row with the same as `--vllm-arg`s) and adds
+`vllm serve` of the same model from that environment on 127.0.0.1 for the served rows alone (its
+start not timed; it gets the `--vllm-arg`s the in-process row gets, as its flags) and adds
 ppl-eval's served engine at `--concurrency` 1, 8 and 32 beside ppl-eval's in-process vLLM engine,
 on the same windows, in one run: what going through HTTP costs.
 """
@@ -149,9 +149,7 @@ def main() -> None:
         engines.append("words:float32")
     if args.engine == "vllm":
         engines += [f"vllm:{dtype}" for dtype in dtypes] + [f"vllm-eager:{dtype}" for dtype in dtypes]
-    server = None
     if args.engine == "served":
-        server = start_server(args, dtypes[0])
         engines += [f"vllm:{dtypes[0]}"] + [f"served-{n}:{dtypes[0]}" for n in args.concurrency.split(",")]
 
     # Each engine runs in a fresh process, as a user runs it: ppl-eval's allocator setting (see
@@ -160,8 +158,12 @@ def main() -> None:
     # noisy neighbour) costs every engine alike, not the one it hit. Each round's own speedups come
     # too: their spread is how far the drift moves a single whole-run ratio.
     results: dict[str, dict] = {}
+    # The server runs only while the served rows do (its CPU workers busy-wait, slowing whatever runs beside them).
     for _ in range(args.repeat):
+        server = None
         for engine in engines:
+            if engine.startswith("served") and server is None:
+                server = start_server(args, dtypes[0])
             row = run_child(engine, args.vllm_python, server and server.url)
             if engine not in results:
                 results[engine] = row | {"round_seconds": [row["seconds"]]}
@@ -172,9 +174,9 @@ def main() -> None:
             if row["peak_memory_mb"] is not None:
                 results[engine]["peak_memory_mb"] = max(results[engine]["peak_memory_mb"], row["peak_memory_mb"])
             results[engine]["start_s"] = min(results[engine]["start_s"], row["start_s"])
-    if server is not None:
-        server.terminate()
-        server.wait()
+        if server is not None:
+            server.terminate()
+            server.wait()
     rows = list(results.values())
     baseline = rows[0]
     baseline_rate = baseline["tokens"] / baseline["seconds"]

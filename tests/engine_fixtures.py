@@ -12,19 +12,19 @@ from conftest import lines, vllm_python_or_skip, wikitext_valid_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # relative, on a document's nll_sum
-WINDOW = 256
+WINDOW = 128
 RUNS = {  # name -> (data file, Config fields), each run by both engines
     "sliding": ("articles", {"window": WINDOW}),
     "lm-eval": ("articles", {"window": WINDOW, "convention": "lm-eval"}),
     "llama-cpp": ("articles", {"window": WINDOW, "convention": "llama-cpp"}),
-    "hf-recipe": ("articles", {"window": WINDOW, "convention": "hf-recipe", "stride": 128}),
-    "lengths": ("articles", {"lengths": "64,128,256", "min_tokens": 64}),
+    "hf-recipe": ("articles", {"window": WINDOW, "convention": "hf-recipe", "stride": WINDOW // 2}),
+    "lengths": ("articles", {"lengths": "32,64,128", "min_tokens": 32}),
     "pairs": ("pairs", {"window": WINDOW, "context_field": "context", "ifd": True}),
     "kept": ("articles", {"window": WINDOW, "save_tokens": True, "signals": True, "save_words": True, "bow_correction": False, "group_by": "group"}),
     "shard-0": ("articles", {"window": WINDOW, "shard": "0/2"}),
     "shard-1": ("articles", {"window": WINDOW, "shard": "1/2"}),
 }
-CLI_RUN = ("many", {"window": WINDOW, "stride": WINDOW - 1, "max_batch_tokens": WINDOW})  # groups of about 3 documents, each written as it ends
+CLI_RUN = ("many", {"window": WINDOW, "stride": WINDOW - 1, "max_batch_tokens": WINDOW})  # a window a batch: each document written as it ends
 
 
 @pytest.fixture(scope="session")
@@ -39,21 +39,21 @@ def vllm_env(**extra) -> dict:
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory) -> dict[str, Path]:
-    """Four WikiText-2 validation articles, each cut to its first ~2,500 characters (500-700
-    SmolLM2 tokens, two to three windows), in two groups; the same as context/continuation pairs;
-    and the articles three times over (12 documents, for runs stopped in the middle)."""
+    """Four WikiText-2 validation articles, each cut to its first ~700 characters (160-220
+    SmolLM2 tokens, two windows), in two groups; the same as context/continuation pairs; and the
+    articles twice over (8 documents, for runs stopped in the middle)."""
     from ppl_cli import Config
     from ppl_cli.data.documents import load_documents
 
     docs = load_documents(Config(data=(str(wikitext_valid_or_skip()),)))[:4]
     folder = tmp_path_factory.mktemp("engine-data")
-    texts = [doc.text[: doc.text.rfind(" ", 0, 2500)] for doc in docs]
+    texts = [doc.text[: doc.text.rfind(" ", 0, 700)] for doc in docs]
     articles = folder / "articles.jsonl"
     articles.write_text("".join(json.dumps({"id": doc.id, "text": t, "group": "ab"[k % 2]}) + "\n" for k, (doc, t) in enumerate(zip(docs, texts))))
     pairs = folder / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"id": doc.id, "context": t[: len(t) // 3], "text": t[len(t) // 3 :]}) + "\n" for doc, t in zip(docs, texts)))
     many = folder / "many.jsonl"
-    many.write_text("".join(json.dumps({"id": f"{doc.id} ({k})", "text": t}) + "\n" for k in range(3) for doc, t in zip(docs, texts)))
+    many.write_text("".join(json.dumps({"id": f"{doc.id} ({k})", "text": t}) + "\n" for k in range(2) for doc, t in zip(docs, texts)))
     return {"articles": articles, "pairs": pairs, "many": many}
 
 

@@ -23,7 +23,8 @@ def test_json_output_parses_and_holds_the_metrics(tiny_gpt2, corpus_jsonl):
     for key in ("nll_sum", "tokens", "token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert isinstance(summary[key], (int, float))
     assert summary["documents"] == 9 and summary["skipped_documents"] == 0
-    assert summary["config"]["window"] == 64 and summary["windowing"] == {"convention": "sliding", "window": 64, "stride": 32, "step": 32, "add_bos": True}
+    assert summary["config"]["window"] == 64 and summary["windowing"] == {"convention": "sliding", "window": 64, "stride": 32, "step": 32, "add_bos": True,
+                                                                      "bos_token": {"id": 0, "text": "<|endoftext|>"}}  # fmt: skip
     assert summary["model"]["device"] == "cpu" and summary["model"]["dtype"] == "float32"
     assert re.fullmatch(r"sha256-sum:[0-9a-f]{64}", summary["data"]["fingerprint"])
     assert summary["versions"]["torch"] and summary["tokens_per_second"] > 0

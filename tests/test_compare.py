@@ -151,7 +151,8 @@ def test_compare_through_the_cli_on_real_runs(tiny_gpt2, tiny_llama, corpus_json
     assert human.exit_code == 0, human.output
     assert "token perplexity" in human.stdout and "+0.0000" in human.stdout and "p = 1.0000" in human.stdout
     as_json = json.loads(CliRunner().invoke(cli, ["compare", *runs, "--json"]).stdout)
-    assert set(as_json["token_perplexity"]) == {"a", "b", "delta", "ci", "p_value"}
+    assert set(as_json["token_perplexity"]) == {"a", "b", "delta", "ci", "p_value", "test", "documents"}
+    assert as_json["token_perplexity"]["test"] == "exact sign-flip permutation" and as_json["token_perplexity"]["documents"] == 9
     markdown = CliRunner().invoke(cli, ["compare", *runs, "--markdown"]).stdout
     assert markdown.startswith("| run | metric |") and len(markdown.strip().splitlines()) == 2 + 4
     other = tmp_path / "llama"

@@ -151,7 +151,7 @@ def test_bad_files_name_the_problem(tmp_path, name, content, options, message):
 def test_invalid_utf8_names_the_byte_offset_or_is_replaced(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"caf\xc3\xa9 ok \xff\xfe end")
-    with pytest.raises(PplError, match=r"bad.txt is not valid UTF-8 at byte offset 9; use --encoding-errors replace"):
+    with pytest.raises(PplError, match=r"bad.txt is not valid UTF-8 at byte offset 9; use encoding_errors replace"):
         load(path)
     assert load(path, encoding_errors="replace")[0].text == "café ok \ufffd\ufffd end"
 

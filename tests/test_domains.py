@@ -203,6 +203,23 @@ def test_holm_on_hand_checked_numbers():
     assert holm([0.9, 0.8]) == [1.0, 1.0] and holm([]) == []
 
 
+def sign_flip_by_hand(a_rows, b_rows, member) -> float:
+    """The exact paired sign-flip test, one swap pattern at a time: the share of the 2^n patterns
+    (swapping documents' two runs or not) whose |token perplexity difference| reaches the observed one."""
+    import itertools
+
+    pairs = [(a, b) for a, b, m in zip(a_rows, b_rows, member) if m]
+    observed, reached = None, 0
+    for swaps in itertools.product([False, True], repeat=len(pairs)):
+        nll_a = sum(b["nll_sum"] if s else a["nll_sum"] for (a, b), s in zip(pairs, swaps))
+        nll_b = sum(a["nll_sum"] if s else b["nll_sum"] for (a, b), s in zip(pairs, swaps))
+        tokens = sum(a["tokens"] for a, _ in pairs)
+        difference = abs(math.exp(nll_b / tokens) - math.exp(nll_a / tokens))
+        observed = difference if observed is None else observed
+        reached += difference >= observed * (1 - 1e-12)
+    return reached / 2 ** len(pairs)
+
+
 def test_compare_per_group_equals_an_independent_paired_bootstrap(grouped, tmp_path):
     other = tmp_path / "bf16"
     run(grouped["model"], grouped["data"], other, "--group-by", "meta.lang", "--dtype", "bfloat16")
@@ -226,11 +243,11 @@ def test_compare_per_group_equals_an_independent_paired_bootstrap(grouped, tmp_p
         m = g["token_perplexity"]
         assert m["a"] == pytest.approx(a, rel=1e-12) and m["delta"] == pytest.approx(b - a, rel=1e-9, abs=1e-12)
         assert m["ci"] == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])), rel=1e-9, abs=1e-12)
-        if g["documents"] >= 5:
+        if g["documents"] > 12:
             expected_p = (1 + np.count_nonzero(np.abs(deltas - deltas.mean()) >= abs(b - a))) / (1 + len(deltas))
-            assert m["p_value"] == pytest.approx(expected_p)
+            assert m["p_value"] == pytest.approx(expected_p) and m["test"] == "paired bootstrap"
         else:
-            assert m["p_value"] is None
+            assert m["p_value"] == pytest.approx(sign_flip_by_hand(a_rows, b_rows, member)) and m["test"] == "exact sign-flip permutation"
         p_values.append(m["p_value"])
     assert [g["token_perplexity"]["p_holm"] for g in report["groups"]] == pytest.approx(holm(p_values))
     assert report["groups_significant"]["of"] == len(report["groups"])

@@ -30,26 +30,26 @@ def test_lengths_parse_as_a_list_or_a_range():
     assert parse_lengths("1024:4096:1024") == (1024, 2048, 3072, 4096)  # the stop is included
     assert parse_lengths("512,256,512") == (256, 512)
     for bad in ("", "a,b", "1024:512:256", "1:2", "8:16:0"):
-        with pytest.raises(PplError, match="--lengths"):
+        with pytest.raises(PplError, match="lengths"):
             parse_lengths(bad)
 
 
 @pytest.mark.parametrize(
     "options,message",
     [
-        (dict(context_field="q"), "--lengths and --context-field"),
-        (dict(messages_field="m"), "--lengths and --messages-field"),
-        (dict(chat_wrap=True), "--lengths and --chat-wrap"),
-        (dict(convention="lm-eval"), "--lengths and --convention lm-eval"),
-        (dict(window=64), "--lengths and --window"),
-        (dict(detokenize="wikitext"), "--lengths and --detokenize"),
-        (dict(min_tokens=5000), "--min-tokens lowers the bar"),
+        (dict(context_field="q"), "lengths and context_field"),
+        (dict(messages_field="m"), "lengths and messages_field"),
+        (dict(chat_wrap=True), "lengths and chat_wrap=True"),
+        (dict(convention="lm-eval"), "lengths and convention lm-eval"),
+        (dict(window=64), "lengths and window"),
+        (dict(detokenize="wikitext"), "lengths and detokenize"),
+        (dict(min_tokens=5000), "min_tokens lowers the bar"),
     ],
 )
 def test_combinations_without_a_meaning_are_refused(options, message):
     with pytest.raises(PplError, match=message):
         Config(lengths=(1024, 4096), **options)
-    with pytest.raises(PplError, match="--min-tokens sets"):
+    with pytest.raises(PplError, match="min_tokens sets"):
         Config(min_tokens=10)
 
 
@@ -245,7 +245,7 @@ def test_sliding_protocol_is_a_hf_recipe_pass_per_length(tiny_llama, long_texts,
 
 
 def test_beyond_the_models_context_is_an_error_naming_both_numbers(tiny_llama, tmp_path):
-    data = write_corpus(tmp_path / "c.jsonl", ["a b c"])
+    data = write_corpus(tmp_path / "c.jsonl", [" ".join(PROSE * 20)])  # long enough for 512 tokens: the model is what falls short
     result = CliRunner().invoke(cli, ["run", "--model", tiny_llama, "--data", data, "--lengths", "128,512"])
     assert result.exit_code == 2
     assert "--lengths up to 512 is longer than the model's context length (256)" in result.stderr and "--allow-beyond-context" in result.stderr

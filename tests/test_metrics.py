@@ -112,7 +112,10 @@ def test_bootstrap_is_seeded_and_brackets_the_point_estimate():
     assert corpus_metrics(docs, 200, seed=2)["bootstrap"] != a["bootstrap"]
 
 
-def test_bootstrap_of_one_document_is_its_value():
+def test_one_document_has_no_interval_and_says_why():
+    """A resample of one document holds it or nothing: its only value is the document's, no interval."""
     docs = [unit_metrics(5.0, 5, 2, 10)]
     boot = corpus_metrics(docs, 50)["bootstrap"]
-    assert boot["token_perplexity"] == pytest.approx([math.e, math.e])
+    assert boot["token_perplexity"] is None and boot["missing"] == "one document" and boot["documents"] == 1
+    two = corpus_metrics([unit_metrics(5.0, 5, 2, 10), unit_metrics(5.0, 5, 2, 10)], 50)["bootstrap"]
+    assert two["token_perplexity"] == pytest.approx([math.e, math.e]) and two["documents"] == 2

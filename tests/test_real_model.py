@@ -43,7 +43,8 @@ def test_wikitext_articles_equal_the_hf_recipe(use_loaded_smollm2, tmp_path):
 def test_builtin_document_equals_one_forward_pass_with_bos(use_loaded_smollm2):
     lm = use_loaded_smollm2
     result = evaluate(Config(limit=1, bootstrap_samples=0))
-    assert result.summary["windowing"] == {"convention": "sliding", "window": 2048, "stride": 1024, "step": 1024, "add_bos": True}
+    assert result.summary["windowing"] == {"convention": "sliding", "window": 2048, "stride": 1024, "step": 1024, "add_bos": True,
+                                        "bos_token": {"id": 1, "text": "<|im_start|>"}}  # SmolLM2's BOS, added by ppl-eval  # fmt: skip
     from ppl_cli.data.formats import python_docstrings
 
     text = python_docstrings()[0].text

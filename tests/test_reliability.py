@@ -22,11 +22,11 @@ from ppl_cli.engine.transformers_engine import TransformersEngine
 from ppl_cli.errors import PplError
 
 
-@pytest.fixture
-def long_corpus(tmp_path):
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory):
     """60 documents of 1-12 sentences: enough batches to be killed in the middle of."""
     rng = random.Random(0)
-    path = tmp_path / "long.jsonl"
+    path = tmp_path_factory.mktemp("long") / "long.jsonl"
     rows = [{"text": " ".join(rng.choice(PROSE) for _ in range(rng.randint(1, 12)))} for _ in range(60)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -45,9 +45,9 @@ def comparable(summary):
     return summary
 
 
-@pytest.fixture
-def uninterrupted(tiny_llama, long_corpus, tmp_path):
-    out = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, long_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "reference"
     subprocess.run(command(tiny_llama, long_corpus, out), check=True)
     return out
 

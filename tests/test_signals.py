@@ -264,9 +264,9 @@ def test_select_and_report_take_the_signals(tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"signals": True, "min_k": 0.0}, "--min-k is a share of the tokens in (0, 1]"),
-        ({"signals": True, "min_k": 1.5}, "--min-k is a share of the tokens in (0, 1]"),
-        ({"min_k": 0.1}, "--min-k sets k of the Min-K% signals: it needs --signals"),
+        ({"signals": True, "min_k": 0.0}, "min_k is a share of the tokens in (0, 1], not 0.0"),
+        ({"signals": True, "min_k": 1.5}, "min_k is a share of the tokens in (0, 1]"),
+        ({"min_k": 0.1}, "min_k sets k of the Min-K% signals: it needs signals=True"),
     ],
 )
 def test_bad_signal_options_are_one_line(options, message):

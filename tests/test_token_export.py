@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -125,5 +126,5 @@ def test_with_a_reference_model_the_tokens_carry_its_log_probability_and_kl(tiny
 
 
 def test_save_tokens_needs_an_output_directory(tiny_llama, corpus_jsonl):
-    with pytest.raises(PplError, match="--save-tokens needs an output directory"):
+    with pytest.raises(PplError, match=re.escape("save_tokens=True needs an output directory (output=DIR)")):
         Config(model=tiny_llama, data=corpus_jsonl, save_tokens=True)

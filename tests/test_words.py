@@ -240,7 +240,7 @@ def test_a_tokenizer_without_a_word_start_marker_gets_the_plain_sums_and_says_so
     assert any("without the beginning-of-word correction" in str(w.message) for w in recwarn)
     frame = pd.read_parquet(tmp_path / "out" / "words")
     assert frame["surprisal"].tolist() == frame["uncorrected_surprisal"].tolist() and not result.summary["bow_correction"]["on"]
-    with pytest.raises(PplError, match="--bow-correction is not defined"):
+    with pytest.raises(PplError, match="bow_correction=True is not defined"):
         evaluate(Config(model=str(folder), data=str(data), save_words=True, bow_correction=True, output=str(tmp_path / "o2")))
 
 

@@ -23,6 +23,7 @@ from ..errors import EXIT_DATA, PplError
 from ..output.metrics import BOOTSTRAP_ELEMENTS, LN2, poisson_weights
 from ..output.run_directory import DOCUMENTS_FILE, SERIES_FILE, SUMMARY_FILE, read_rows
 from ..output.signals import SIGNALS
+from ..output.summary import counted
 
 METRICS = ("token_perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity")
 WORD_METRIC = "word_perplexity_corrected"  # compared where every run saved words (--save-words)
@@ -37,7 +38,7 @@ METRIC_SUMS = {  # each metric's numerator and denominator among SUMS
 SAME_RUN_KEYS = ("convention", "window", "step", "add_bos", "detokenize")
 GROUP_METRICS = ("token_perplexity", "bits_per_byte")  # compared per group (memory: 6 sums x runs x resamples a group)
 ALPHA = 0.05  # "significant" after Holm's adjustment
-MIN_GROUP_DOCUMENTS = 5  # a smaller group gets no p-value: its resamples barely vary
+EXACT_DOCUMENTS = 12  # up to this many documents, p-values come from every sign pattern (2^12 = 4,096), exactly
 
 
 @dataclass(frozen=True)
@@ -238,37 +239,85 @@ class PairedSums:
         self.sums = np.zeros((runs, len(SUMS)))
         self.resampled = np.zeros((samples, runs, len(SUMS)))
         self.documents = 0
+        self.few = Few()
 
     def add(self, values: np.ndarray, weights: np.ndarray) -> None:
         """`values` [m, R, 6]: m documents' sums in every run; `weights` [B, m]: their resampling weights."""
         self.sums += values.sum(axis=0)
         self.resampled += np.einsum("bm,mrk->brk", weights, values)
         self.documents += len(values)
+        self.few.add(values)
 
     def paired(self, metric: str, r: int) -> dict:
-        """Both values, their difference, its 95% paired bootstrap interval and a two-sided p-value."""
+        """Both values, their difference, its 95% paired bootstrap interval and a two-sided p-value
+        (exact, from every sign pattern, up to EXACT_DOCUMENTS documents)."""
         nll, unit = METRIC_SUMS[metric]
         a = float(metric_value(metric, self.sums[0, nll], self.sums[0, unit]))
         b = float(metric_value(metric, self.sums[r, nll], self.sums[r, unit]))
         resampled_a = metric_value(metric, self.resampled[:, 0, nll], self.resampled[:, 0, unit])
         resampled_b = metric_value(metric, self.resampled[:, r, nll], self.resampled[:, r, unit])
-        return paired_difference(a, b, resampled_b - resampled_a)
+        exact = self.few.values()
+        if exact is not None:
+            statistic = lambda sums: metric_value(metric, sums[:, 0], sums[:, 1])  # noqa: E731
+            exact = sign_flip_p(exact[:, 0][:, [nll, unit]], exact[:, r][:, [nll, unit]], statistic)
+        return paired_difference(a, b, resampled_b - resampled_a, self.documents, exact)
 
 
-def paired_difference(a: float, b: float, deltas: np.ndarray) -> dict:
+class Few:
+    """The first documents' values, while there are at most EXACT_DOCUMENTS of them (for the exact test)."""
+
+    def __init__(self):
+        self.kept: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, values: np.ndarray) -> None:
+        self.count += len(values)
+        if self.count <= EXACT_DOCUMENTS:
+            self.kept.append(values)
+        else:
+            self.kept = []
+
+    def values(self) -> np.ndarray | None:
+        """[n, ...] every document's values, or None where there are more than EXACT_DOCUMENTS (or none)."""
+        return np.concatenate(self.kept) if self.kept and self.count <= EXACT_DOCUMENTS else None
+
+
+def sign_flip_p(a: np.ndarray, b: np.ndarray, statistic) -> float:
+    """The paired sign-flip permutation test, exactly: every one of the 2^n patterns of swapping
+    document i's two runs or not; the two-sided p-value is the share of patterns whose difference
+    statistic(B sums) - statistic(A sums) is at least as far from zero as the observed one (the
+    pattern that swaps nothing). `a`, `b` [n, k]: each document's sums in the two runs. With n
+    documents the smallest p is 2 / 2^n (the observed pattern and its mirror): 0.25 for 3."""
+    n = len(a)
+    swap = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(bool)[:, :, None]  # [P, n, 1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        differences = statistic(np.where(swap, a, b).sum(axis=1)) - statistic(np.where(swap, b, a).sum(axis=1))  # [P]
+    observed = abs(differences[0])
+    if not math.isfinite(observed):
+        return None
+    return float(np.mean(np.abs(differences) >= observed * (1 - 1e-12)))
+
+
+def paired_difference(a: float, b: float, deltas: np.ndarray, documents: int, exact: float | None = None) -> dict:
     """Both values, b - a, the 95% percentile interval of the resampled differences (the finite
-    ones) and the paired p-value; no interval where the difference or every resample is not finite."""
+    ones) and the paired p-value (`exact`, the sign-flip test's, where given; else the bootstrap's);
+    no interval where the difference or every resample is not finite, or from one document (a
+    resample holds it or nothing)."""
     deltas = deltas[np.isfinite(deltas)]
     delta = b - a
-    if not (math.isfinite(delta) and len(deltas)):
-        return {"a": a, "b": b, "delta": delta, "ci": None, "p_value": None}
-    return {
-        "a": a,
-        "b": b,
-        "delta": delta,
-        "ci": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))],
-        "p_value": paired_p_value(deltas, delta),
-    }
+    out = {"a": a, "b": b, "delta": delta, "ci": None, "p_value": None, "documents": documents}
+    if not math.isfinite(delta):
+        return out
+    if exact is not None:
+        out.update(p_value=exact, test="exact sign-flip permutation")
+    if documents < 2:
+        return {**out, "ci_missing": "one document"}
+    if not len(deltas):
+        return out
+    out["ci"] = [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))]
+    if exact is None:
+        out.update(p_value=paired_p_value(deltas, delta), test="paired bootstrap")
+    return out
 
 
 class PairedMeans:
@@ -280,6 +329,7 @@ class PairedMeans:
         self.counts = np.zeros(len(SIGNALS))
         self.resampled = np.zeros((samples, runs, len(SIGNALS)))
         self.resampled_counts = np.zeros((samples, len(SIGNALS)))
+        self.few = Few()
 
     def add(self, values: np.ndarray, weights: np.ndarray) -> None:
         """`values` [m, R, S]: the documents' signals in every run, NaN where a run has none."""
@@ -289,17 +339,24 @@ class PairedMeans:
         self.counts += present.sum(axis=0)
         self.resampled += np.einsum("bm,mrs->brs", weights, filled)
         self.resampled_counts += weights @ present
+        self.few.add(values)
 
     def paired(self, r: int) -> dict:
         """Per signal every run has: both means, their difference, its 95% paired interval and p-value."""
         out = {}
+        few = self.few.values()
         for s, name in enumerate(SIGNALS):
             if not self.counts[s]:
                 continue
             a, b = self.sums[0, s] / self.counts[s], self.sums[r, s] / self.counts[s]
             drawn = self.resampled_counts[:, s] > 0
             deltas = (self.resampled[drawn, r, s] - self.resampled[drawn, 0, s]) / self.resampled_counts[drawn, s]
-            out[name] = {**paired_difference(float(a), float(b), deltas), "documents": int(self.counts[s])}
+            exact = None
+            if few is not None:
+                values = few[~np.isnan(few[:, :, s]).any(axis=1)][:, :, s]  # [n, R]: the documents every run has it for
+                ones = np.ones(len(values))
+                exact = sign_flip_p(np.stack([values[:, 0], ones], 1), np.stack([values[:, r], ones], 1), lambda sums: sums[:, 0] / sums[:, 1])
+            out[name] = paired_difference(float(a), float(b), deltas, int(self.counts[s]), exact)
         return out
 
 
@@ -312,6 +369,7 @@ class PairedLengths:
         self.counts = np.zeros(lengths)
         self.resampled = np.zeros((samples, lengths, runs, 4))
         self.resampled_counts = np.zeros((samples, lengths))
+        self.few = Few()
 
     def add(self, values: np.ndarray, weights: np.ndarray) -> None:
         """`values` [m, K, R, 4] (NaN where a run's document is shorter); `weights` [B, m]."""
@@ -321,6 +379,21 @@ class PairedLengths:
         self.counts += present.sum(axis=0)
         self.resampled += np.einsum("bm,mkrc->bkrc", weights, filled)
         self.resampled_counts += weights @ present
+        self.few.add(values)
+
+    def exact(self, k: int, r: int) -> dict[str, float | None] | None:
+        """At length k, the sign-flip test's p-values of the three metrics, where there are few documents."""
+        few = self.few.values()
+        if few is None:
+            return None
+        values = few[~np.isnan(few[:, k]).any(axis=(1, 2)), k]  # [n, R, 4]: the documents every run has at length k
+        a, b = values[:, 0], values[:, r]
+        ones = np.ones((len(values), 1))
+        return {
+            "token_perplexity": sign_flip_p(a[:, [0, 1]], b[:, [0, 1]], lambda sums: np.exp(sums[:, 0] / sums[:, 1])),
+            "mean_document_perplexity": sign_flip_p(np.hstack([a[:, [3]], ones]), np.hstack([b[:, [3]], ones]), lambda sums: sums[:, 0] / sums[:, 1]),
+            "bits_per_byte": sign_flip_p(a[:, [0, 2]], b[:, [0, 2]], lambda sums: sums[:, 0] / (sums[:, 1] * LN2)),
+        }
 
     def paired(self, k: int, r: int) -> dict:
         """At length k, run r against the baseline: documents, and for token perplexity, the mean of
@@ -329,13 +402,21 @@ class PairedLengths:
         b = self.resampled[:, k, r, :].T  # [4, B]
         a = self.resampled[:, k, 0, :].T
         drawn = self.resampled_counts[:, k]
-        out: dict = {"documents": int(self.counts[k])}
-        if not self.counts[k]:
+        documents = int(self.counts[k])
+        out: dict = {"documents": documents}
+        if not documents:
             return out
+        exact = self.exact(k, r) or {}
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            out["token_perplexity"] = paired_difference(math.exp(base_nll / base_tokens), math.exp(nll / tokens), np.exp(b[0] / b[1]) - np.exp(a[0] / a[1]))
-            out["mean_document_perplexity"] = paired_difference(base_ppl / self.counts[k], ppl / self.counts[k], (b[3] - a[3]) / drawn)
-            out["bits_per_byte"] = paired_difference(base_nll / (base_bytes * LN2), nll / (n_bytes * LN2), (b[0] / b[2] - a[0] / a[2]) / LN2)
+            out["token_perplexity"] = paired_difference(
+                math.exp(base_nll / base_tokens), math.exp(nll / tokens), np.exp(b[0] / b[1]) - np.exp(a[0] / a[1]), documents, exact.get("token_perplexity")
+            )
+            out["mean_document_perplexity"] = paired_difference(
+                base_ppl / self.counts[k], ppl / self.counts[k], (b[3] - a[3]) / drawn, documents, exact.get("mean_document_perplexity")
+            )
+            out["bits_per_byte"] = paired_difference(
+                base_nll / (base_bytes * LN2), nll / (n_bytes * LN2), (b[0] / b[2] - a[0] / a[2]) / LN2, documents, exact.get("bits_per_byte")
+            )
         return out
 
 
@@ -464,9 +545,6 @@ class PairedTotals:
         significant = {}
         for metric in GROUP_METRICS:
             results = [self.groups[name].paired(metric, r) for name in names]
-            for name, m in zip(names, results):
-                if self.groups[name].documents < MIN_GROUP_DOCUMENTS:  # the bootstrap cannot judge so few
-                    m["p_value"] = None
             adjusted = holm([m["p_value"] for m in results])
             for g, m, p in zip(groups, results, adjusted):
                 g[metric] = {**m, "p_holm": p}
@@ -517,7 +595,7 @@ def listed(heap: list, improved: bool) -> list[dict]:
 
 def engine_of(summary: dict) -> str:
     """The engine that scored a run (runs made before there were engines: transformers)."""
-    return (summary["model"].get("engine") or {}).get("name", "transformers")
+    return ((summary.get("model") or {}).get("engine") or {}).get("name", "transformers")
 
 
 def format_comparison(report: dict) -> str:
@@ -617,18 +695,18 @@ def format_markdown(report: dict) -> str:
         for metric in shown_metrics(entry):
             m = entry[metric]
             ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
-            p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+            p = p_cell(m)
             lines.append(f"| {entry['run']} | {metric} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} |")
         for name, m in entry.get("signals", {}).items():
             ci = f"[{m['ci'][0]:+.4g}, {m['ci'][1]:+.4g}]" if m["ci"] else "n/a"
-            p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+            p = p_cell(m)
             lines.append(f"| {entry['run']} | {name} (mean) | {m['a']:.4g} | {m['b']:.4g} | {m['delta']:+.4g} | {ci} | {p} |")
         for point in entry.get("length_curve", []):
             for metric in ("token_perplexity", "mean_document_perplexity", "bits_per_byte"):
                 m = point.get(metric)
                 if m:
                     ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
-                    p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+                    p = p_cell(m)
                     lines.append(f"| {entry['run']} | {metric} at {point['length']:,} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} |")
     if any("groups" in entry for entry in report["runs"]):
         lines += ["", "| run | group | documents | metric | baseline | run | difference | 95% CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -637,7 +715,7 @@ def format_markdown(report: dict) -> str:
                 for metric in GROUP_METRICS:
                     m = g[metric]
                     ci = f"[{signed(m['ci'][0])}, {signed(m['ci'][1])}]" if m["ci"] else "n/a"
-                    p = f"{m['p_value']:.4f}" if m["p_value"] is not None else "n/a"
+                    p = p_cell(m)
                     holm_p = f"{m['p_holm']:.4f}" if m["p_holm"] is not None else "n/a"
                     lines.append(
                         f"| {entry['run']} | {g['group']} | {g['documents']:,} | {metric} | {number(m['a'])} | {number(m['b'])} | {signed(m['delta'])} | {ci} | {p} | {holm_p} |"
@@ -650,10 +728,26 @@ def shown_metrics(entry: dict) -> tuple[str, ...]:
 
 
 def interval(m: dict, spec: str | None = None) -> str:
-    if not m["ci"]:
+    """'  95% CI [low, high]  p = 0.0123 (paired bootstrap, 1,234 documents)', or why there is none."""
+    if m["ci"]:
+        low, high = (format(x, spec) if spec else signed(x) for x in m["ci"])
+        shown = f"  95% CI [{low}, {high}]"
+    elif m.get("ci_missing"):
+        shown = f"  95% CI n/a ({m['ci_missing']})"
+    else:
         return ""
-    low, high = (format(x, spec) if spec else signed(x) for x in m["ci"])
-    return f"  95% CI [{low}, {high}]  p = {m['p_value']:.4f}"
+    return shown + (f"  p = {m['p_value']:.4f}" if m["p_value"] is not None else "  p n/a") + f" ({test_label(m)})"
+
+
+def test_label(m: dict) -> str:
+    """Which test gave the p-value, and over how many documents."""
+    test = "exact" if m.get("test", "").startswith("exact") else "bootstrap"
+    return f"{test}, {counted(m['documents'], 'document')}" if "documents" in m else test
+
+
+def p_cell(m: dict) -> str:
+    """A Markdown table's p cell: the value and its test."""
+    return f"{m['p_value']:.4f} ({test_label(m)})" if m["p_value"] is not None else "n/a"
 
 
 def number(value) -> str:

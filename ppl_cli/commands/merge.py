@@ -36,7 +36,7 @@ from ..output.run_directory import (
     merged_rows,
     read_rows,
 )
-from ..output.summary import Unscored, build_summary
+from ..output.summary import Unscored, build_summary, nothing_scored
 from ..output.token_export import TOKENS_DIR, copy_parts
 from ..output.word_export import WORDS_DIR
 
@@ -168,13 +168,16 @@ def write_merged(runs, config, identity, data_info, given, output, overwrite, of
     }
     skipped = skipped_by_group(summaries)
     bad = [s["bad_records"] for s in summaries if "bad_records" in s]
-    unscored = Unscored(sum((s.get("length_curve") or {}).get("too_short_documents", 0) for s in summaries), BadRecords.joined(bad) if bad else None)
+    curves = [s.get("length_curve") or {} for s in summaries]
+    unscored = Unscored(sum(c.get("too_short_documents", 0) for c in curves), BadRecords.joined(bad) if bad else None, max(c.get("longest_too_short", 0) for c in curves))
     reference_info = first.get("reference", {}).get("model")
 
     def summarize(rows, reference=(), contexts=()):
         summary = build_summary(config, rows, skipped, first["model"], data_info, windowing, timings, reference_info, reference, contexts, unscored)
         if summary["documents"] == 0 and complete:
-            raise PplError(f"nothing to score: the {sum(skipped.values()):,} documents of every run are all empty or whitespace only", EXIT_DATA)
+            sources = f"the {len(runs)} runs" if len(runs) > 1 else str(runs[0]["dir"])
+            bar = max(windowing.min_tokens, windowing.lengths[0]) if windowing.protocol == "prefix" else windowing.min_tokens
+            raise PplError(nothing_scored(sources, sum(skipped.values()), unscored.short, unscored.longest_short, windowing.lengths, bar), EXIT_DATA)
         return {**summary, **({"bow_correction": first["bow_correction"]} if "bow_correction" in first else {})}
 
     with RunDirectory(output, overwrite) as run_dir:

@@ -179,7 +179,29 @@ def histogram_figure(runs: list[Run], scans: list[RunScan]):
     for k, (run, s) in enumerate(zip(runs, scans)):
         ax.stairs(s.histogram[lo:hi], HISTOGRAM_EDGES[lo : hi + 1], label=short_name(run), color=COLOURS[k % len(COLOURS)], linewidth=1.6)
     ax.set_xscale("log")
+    plain_ticks(ax.xaxis, between_powers=True)
+    whole_counts(ax.yaxis)
     return labelled(fig, ax, runs, "token perplexity of a document (log scale)", "documents")
+
+
+def plain_ticks(axis, between_powers: bool = False) -> None:
+    """A log axis's ticks as plain numbers (14, 256, 1,024), not powers (1.4x10^1, 2^8); with
+    `between_powers` (base 10), ticks at 1, 1.5, 2, 3, 5 and 7 of each decade, so that a range
+    inside one decade (perplexities of 14 to 22) still has labelled ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    if between_powers:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    label = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 10 else f"{value:g}")
+    axis.set_major_formatter(label)
+    axis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+
+
+def whole_counts(axis) -> None:
+    """An axis of document counts ticks at whole documents only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 SIGNAL_AXES = {
@@ -197,6 +219,7 @@ def signal_figure(runs: list[Run], scans: list[RunScan], name: str, edges: np.nd
     for k, (run, s) in enumerate(zip(runs, scans)):
         if s.signals[name].any():
             ax.stairs(s.signals[name], edges, label=short_name(run), color=COLOURS[k % len(COLOURS)], linewidth=1.6)
+    whole_counts(ax.yaxis)
     seen = "higher" if HIGHER_MEANS_SEEN[name] else "lower"
     ax.set_title(f"{seen}: more likely seen in training" if name != "mean_entropy" else "lower: the model is more certain", fontsize=9, color="#666")
     return labelled(fig, ax, runs, SIGNAL_AXES[name], "documents")
@@ -211,6 +234,7 @@ def context_figure(runs: list[Run]):
             x, y = zip(*points)
             ax.plot(x, y, marker="o", markersize=4, label=short_name(run), color=COLOURS[k % len(COLOURS)])
     ax.set_xscale("log", base=2)
+    plain_ticks(ax.xaxis)
     return labelled(fig, ax, runs, "tokens of context the model had (buckets 1, 2-3, 4-7, ...)", "mean NLL (nats per token)")
 
 
@@ -229,7 +253,13 @@ def length_figure(runs: list[Run]):
             bx, low, high = zip(*bands)
             ax.fill_between(bx, low, high, color=colour, alpha=0.18, linewidth=0)
     ax.set_xscale("log", base=2)
-    return labelled(fig, ax, runs, "context length (tokens, log scale)", "token perplexity (95% interval)")
+    ax.set_yscale("log")  # a curve from 30 to 17 falls as far as one from 100 to 57: the same share
+    plain_ticks(ax.xaxis)
+    plain_ticks(ax.yaxis, between_powers=True)
+    lengths = sorted({p["length"] for run in runs for p in (run.summary.get("length_curve") or {}).get("points", [])})
+    if lengths and len(lengths) <= 12:
+        ax.set_xticks(lengths)
+    return labelled(fig, ax, runs, "context length (tokens, log scale)", "token perplexity (log scale, 95% interval)")
 
 
 def labelled(fig, ax, runs: list[Run], xlabel: str, ylabel: str):
@@ -356,6 +386,19 @@ def relative(m: dict) -> tuple[float, float, float]:
     return 100 * m["delta"] / m["a"], 100 * m["ci"][0] / m["a"], 100 * m["ci"][1] / m["a"]
 
 
+def windowing_text(windowing: dict) -> str:
+    """A run's windowing for the provenance table: a --lengths run's lengths and protocol, not the
+    window, stride and step its protocol does not use (its sliding protocol's stride aside)."""
+    if windowing.get("lengths"):
+        keys = ["convention", "lengths", "protocol", "passes", "min_tokens", *(["stride"] if windowing.get("protocol") == "sliding" else []), "add_bos"]
+    else:
+        keys = ["convention", "window", "stride", "step", "add_bos", "prefix_token_id", "detokenize"]
+    shown = [f"{k} {windowing[k]}" for k in keys if k in windowing]
+    if windowing.get("bos_token"):
+        shown.append(f"start token {windowing['bos_token']['text']!r} ({windowing['bos_token']['id']})")
+    return ", ".join(shown)
+
+
 def short_name(run: Run) -> str:
     return run.path.name or str(run.path)
 
@@ -364,9 +407,16 @@ def short_name(run: Run) -> str:
 
 
 def shown_documents(run: Run, s: RunScan, limit: int) -> list[dict]:
-    """The most and least surprising documents, each with its first `limit` tokens and words when saved."""
-    chosen = [("most surprising", row) for _, _, row in sorted(s.highest, reverse=True)]
-    chosen += [("least surprising", row) for _, _, row in sorted(s.lowest, reverse=True)]
+    """The most and least surprising documents, each once (a run of fewer than twice as many as are
+    shown splits them: the more surprising half, then the rest), each with its first `limit` tokens
+    and words when saved."""
+    most = [row for _, _, row in sorted(s.highest, reverse=True)]
+    least = [row for _, _, row in sorted(s.lowest, reverse=True)]
+    if len(most) + len(least) > s.documents:  # the two lists overlap
+        most = most[: (s.documents + 1) // 2]
+        taken = {row["index"] for row in most}
+        least = [row for row in least if row["index"] not in taken]
+    chosen = [("most surprising", row) for row in most] + [("least surprising", row) for row in least]
     indices = {row["index"] for _, row in chosen}
     tokens = saved_parts(run.path, TOKENS_DIR, "position", indices, limit)
     words = saved_parts(run.path, WORDS_DIR, "word_index", indices, limit)
@@ -411,14 +461,17 @@ def token_spans(tokens: dict) -> list[dict]:
 
 
 def word_spans(words: dict) -> list[dict]:
-    """Each saved word, its surprisal step (its colour) and tip: its surprisal in bits and nats, tokens, the uncorrected sum."""
+    """Each saved word, its surprisal step (its colour), tip (its surprisal in bits and nats, tokens,
+    the uncorrected sum) and the line breaks before it (from `space_before`, where the run saved it)."""
     out = []
-    for word, surprisal, tokens, plain in zip(words["word"], words["surprisal"], words["tokens"], words["uncorrected_surprisal"]):
+    spaces = words.get("space_before") or [" "] * len(words["word"])
+    for word, surprisal, tokens, plain, space in zip(words["word"], words["surprisal"], words["tokens"], words["uncorrected_surprisal"], spaces):
+        breaks = min(space.count("\n"), 2)
         if surprisal is None:
-            out.append({"word": word, "step": 0, "tip": f"no surprisal ({tokens} tokens of its own)"})
+            out.append({"word": word, "step": 0, "tip": f"no surprisal ({tokens} tokens of its own)", "breaks": breaks})
             continue
         tip = f"{surprisal / math.log(2):.2f} bits ({surprisal:.2f} nats), {tokens} token{'s' * (tokens != 1)}, uncorrected {plain:.2f} nats"
-        out.append({"word": word, "step": surprisal_step(surprisal), "tip": tip})
+        out.append({"word": word, "step": surprisal_step(surprisal), "tip": tip, "breaks": breaks})
     return out
 
 
@@ -434,6 +487,7 @@ def render(runs, scans, svgs, comparison, refusal, shown, config, series=None) -
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("ppl_cli.commands", "templates"), autoescape=True, keep_trailing_newline=True)
+    env.filters["windowing_text"] = windowing_text
     env.filters.update(number=fmt, basename=lambda path: Path(path).name)
     documents = [
         {

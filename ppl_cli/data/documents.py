@@ -70,7 +70,7 @@ class DocumentStream:
                 break
             except PplError as e:
                 if not self.skips(e):
-                    raise
+                    raise skippable(e) from None
         if doc.group == MISSING_GROUP:
             warnings.warn(
                 f"{doc.where} has no --group-by field {self.config.group_by!r}: such records are reported as the group {MISSING_GROUP!r}",
@@ -104,7 +104,7 @@ class DocumentStream:
                     doc = to_document(record, self.config)
                 except PplError as e:  # a record that cannot be read: passed over (its index kept) with --skip-bad-records
                     if not self.skips(e):
-                        raise
+                        raise skippable(e) from None
                     self.bad.add(where(record), str(e))
                     continue
                 self.digest = (self.digest + digest(index, doc)) % 2**256
@@ -117,6 +117,13 @@ class DocumentStream:
                             EXIT_DATA,
                         )
                 yield index, record, doc
+
+
+def skippable(error: PplError) -> PplError:
+    """A bad record's error, saying how to go on without it (an option's error as it is)."""
+    if error.exit_code != EXIT_DATA:
+        return error
+    return PplError(f"{error} (--skip-bad-records passes over such records, counting them)", error.exit_code)
 
 
 def digest(index: int, doc: Document) -> int:

@@ -39,14 +39,16 @@ class Windowing:
     min_tokens: int = 0
     per_length: bool = False
     length_dependence: str | None = None  # why the logits depend on the input's length (per_length), as found
+    bos_token: str | None = None  # the start token's text, where there is one
 
     @classmethod
     def from_description(cls, d: dict) -> Windowing:
-        """The inverse of describe(), as summary.json holds it (without the token ids it omits)."""
+        """The inverse of describe(), as summary.json holds it."""
+        bos = d.get("bos_token") or {}
         return cls(
-            d["convention"], d["window"], d["stride"], d["add_bos"], None, d.get("prefix_token_id"), d.get("detokenize", "none"),
+            d["convention"], d["window"], d["stride"], d["add_bos"], bos.get("id"), d.get("prefix_token_id"), d.get("detokenize", "none"),
             tuple(d.get("lengths", ())), d.get("protocol"), d.get("min_tokens", 0), d.get("passes") == "per length" and d.get("protocol") == "prefix",
-            d.get("length_dependence"),
+            d.get("length_dependence"), bos.get("text"),
         )  # fmt: skip
 
     @property
@@ -62,6 +64,8 @@ class Windowing:
 
     def describe(self) -> dict:
         out = {"convention": self.convention, "window": self.window, "stride": self.stride, "step": self.step, "add_bos": self.add_bos}
+        if self.add_bos and self.bos_id is not None:
+            out["bos_token"] = {"text": self.bos_token, "id": self.bos_id}
         if self.prefix_id is not None:
             out["prefix_token_id"] = self.prefix_id
         if self.detokenize != "none":
@@ -87,26 +91,30 @@ def resolve_windowing(config, lm) -> Windowing:
     if convention in ("hf-recipe", "lm-eval") and config.add_bos is not None:
         rule = "never adds special tokens" if convention == "hf-recipe" else "always prefixes its prefix token"
         raise PplError(f"--add-bos/--no-add-bos do not apply to --convention {convention}: it {rule}")
+    start = start_token(config.bos_token, lm.tokenizer) if config.bos_token else lm.bos_id
     if config.conditional in ("conversations", "chat-wrap"):
         add_bos = False  # the chat template writes the special tokens
+    elif config.bos_token:
+        add_bos = True
     elif convention == "sliding":
         add_bos = config.add_bos if config.add_bos is not None else lm.bos_id is not None
     elif convention == "llama-cpp":  # llama.cpp adds BOS when the model's tokenizer does by default
         add_bos = config.add_bos if config.add_bos is not None else tokenizer_adds_bos(lm.tokenizer)
     else:
         add_bos = False
-    if add_bos and lm.bos_id is None:
-        raise PplError("--add-bos: this tokenizer defines no BOS or end-of-text token")
+    if add_bos and start is None:
+        raise PplError("--add-bos: this tokenizer defines no BOS or end-of-text token (--bos-token names one)")
     prefix_id = None
     if convention == "lm-eval":  # lm-eval's prefix_token_id: BOS, else EOS
         tok = lm.tokenizer
         prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if prefix_id is None:
             raise PplError("--convention lm-eval: this tokenizer has neither a BOS nor an EOS token to prefix")
-    bos_id = lm.bos_id if add_bos else None
+    bos_id = start if add_bos else None
     protocol = ("sliding" if config.stride is not None else "prefix") if config.lengths else None
     min_tokens = (config.min_tokens or (window if protocol == "prefix" else 2)) if config.lengths else 0
-    windowing = Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize, config.lengths, protocol, min_tokens)
+    bos_text = lm.tokenizer.convert_ids_to_tokens(bos_id) if bos_id is not None else None
+    windowing = Windowing(convention, window, stride, add_bos, bos_id, prefix_id, config.detokenize, config.lengths, protocol, min_tokens, bos_token=bos_text)
     shortest = config.lengths[0] if config.lengths else window
     if config.stride is not None and (config.stride >= shortest if config.lengths else windowing.step != config.stride):
         if convention == "sliding":
@@ -116,6 +124,30 @@ def resolve_windowing(config, lm) -> Windowing:
             why = f"--stride does not apply to --convention {convention}: its windows step by the window, {window} tokens"
         warnings.warn(f"{why} (summary.json records both as windowing.stride and windowing.step)", PplWarning, stacklevel=2)
     return windowing
+
+
+def start_token(text: str, tokenizer) -> int:
+    """--bos-token's id: a single token of the vocabulary (or an added token), as the tokenizer writes it."""
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    if token_id is None or (token_id == tokenizer.unk_token_id and text != tokenizer.unk_token):
+        pieces = len(tokenizer(text, add_special_tokens=False).input_ids)
+        raise PplError(f"--bos-token {text!r} is not a token of this tokenizer (its text is {pieces} tokens); give a token as the tokenizer writes it")
+    return token_id
+
+
+def start_line(windowing: Windowing, config, tokenizer) -> str | None:
+    """The run's line about what each document is scored after: its start token, the prefix token, or none."""
+    if config.conditional in ("conversations", "chat-wrap"):
+        return None
+    if windowing.convention == "lm-eval":
+        return f"each document is scored after lm-eval's prefix token {tokenizer.convert_ids_to_tokens(windowing.prefix_id)!r} (id {windowing.prefix_id})"
+    if windowing.convention == "hf-recipe":
+        return "the documents are scored joined, without a start token, as the HF recipe does"
+    if not windowing.add_bos:
+        return "no start token: each document's first token is read, not scored (--bos-token TOKEN adds one)"
+    whose = "" if config.bos_token else "; the tokenizer's BOS (--bos-token TOKEN or --no-add-bos to change it)"
+    where = "each chunk's first token is replaced by" if windowing.convention == "llama-cpp" else "each document is scored after"
+    return f"{where} the start token {windowing.bos_token!r} (id {windowing.bos_id}){whose}"
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

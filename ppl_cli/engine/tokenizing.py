@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..data.documents import digest
+from ..data.documents import digest, skippable
 from ..data.records import Document
 from ..errors import EXIT_DATA, PplError
 from .conventions import JOIN, JOINED_ID, Windowing, conditional_windows, prefix, text_to_score, windows
@@ -58,7 +58,7 @@ class Tokenized(NamedTuple):
     counted: tuple[str, ...] | None = None
     alone: tuple[np.ndarray, ...] = ()
     cuts: tuple[int | None, ...] | None = None
-    short: bool = False
+    short: int = 0  # --lengths: the tokens of a document too short to take part (0: it is not)
     offsets: np.ndarray | None = None  # [t, 2] int32: each text token's characters (start, end), for --save-words
     bad: bool = False  # --skip-bad-records: passed over (counted as a bad record, not as skipped)
 
@@ -183,7 +183,7 @@ def tokenize_documents(
                     batch += tokenize_batch(items[: e.at], encode, windowing, conditional)
                 if bad is None:
                     yield batch
-                    raise e.error from None
+                    raise skippable(e.error) from None
                 index, doc, _ = items[e.at]
                 bad.add(doc.where, str(e.error))
                 batch.append(Tokenized(index, doc, None, 0, bad=True))
@@ -287,7 +287,7 @@ def length_batch(pending: list[tuple[int, Document, dict | None]], encode: Encod
         ids, offsets = next(encoded)
         n = len(head) + len(ids)
         if n < max(windowing.min_tokens, windowing.lengths[0] if windowing.protocol == "prefix" else 2):
-            out.append(Tokenized(index, doc, None, 0, short=True))
+            out.append(Tokenized(index, doc, None, 0, short=n))
             continue
         if windowing.protocol == "sliding":
             cuts = (len(doc.text),) * len(windowing.lengths)

@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,8 @@ class VllmModel:
         """vllm.LLM for windows of `window` tokens, and the log its start-up went to (outside -v)."""
         vllm = import_vllm()
         arguments = engine_arguments(config, self, window)
+        parallel = f", tensor parallel {config.tensor_parallel_size}" if config.tensor_parallel_size else ""
+        logger.info("starting vLLM %s for %s%s%s", vllm.__version__, config.model, parallel, "" if verbose() else " (its log: -v)")
         with engine_log() as log, allowed_length(window + 1 > (self.context_length or window + 1)), offline(self.offline):
             try:
                 llm = vllm.LLM(**arguments)
@@ -129,6 +132,7 @@ def open_model(config: Config) -> VllmModel:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
     except Exception as e:
         raise PplError(explain_load_error(config.model, e, config), EXIT_MODEL) from None
+    check_weights(config, Path(source.location))
     context = context_length(hf_config)
     text_config = hf_config.get_text_config()
     info = {
@@ -143,6 +147,16 @@ def open_model(config: Config) -> VllmModel:
     }  # the dtype asked for (run.json's); the one vLLM runs in, once it starts
     return VllmModel(source.location, tokenizer, hf_config, context, bos_token_id(tokenizer), info, temporary=located.temporary,
                      offline=bool(kwargs.get("local_files_only")))  # fmt: skip
+
+
+def check_weights(config: Config, folder: Path) -> None:
+    """A local folder without the weight files vLLM would load: said now, not after its workers start."""
+    if not folder.is_dir():
+        return  # a hub id: vLLM downloads it
+    patterns = ["*.safetensors"] + ([] if not config.allow_pickle else ["*.bin", "*.pt"])
+    if not any(next(folder.glob(pattern), None) for pattern in patterns):
+        loads = "" if config.allow_pickle else " (vLLM loads only safetensors here; --allow-pickle lets it read .bin files)"
+        raise PplError(f"vLLM cannot run {config.model}: {folder} holds no weights ({', '.join(patterns)}){loads}", EXIT_MODEL)
 
 
 def from_llm(llm, tokenizer, config: Config) -> VllmModel:

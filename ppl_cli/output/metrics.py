@@ -133,19 +133,19 @@ class Totals:
         return out
 
     def interval(self, seed: int, confidence: float = 0.95) -> dict:
-        """Percentile interval of the resampled token perplexity and bits per byte."""
+        """Percentile interval of the resampled token perplexity and bits per byte, over how many
+        documents; none from one document (a resample holds it or nothing: no spread to measure)."""
         nll, tokens, n_bytes = self.resampled.T
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ppl = np.exp(nll / tokens)
             bpb = nll / (n_bytes * LN2)
-        return {
-            "confidence": confidence,
-            "samples": self.samples,
-            "seed": seed,
-            "method": "poisson",
-            "token_perplexity": percentile_interval(ppl, confidence),
-            "bits_per_byte": percentile_interval(bpb, confidence),
-        }
+        out = {"confidence": confidence, "samples": self.samples, "seed": seed, "method": "poisson", "documents": self.documents}
+        if self.documents < 2:
+            return {**out, "token_perplexity": None, "bits_per_byte": None, "missing": ONE_DOCUMENT}
+        return {**out, "token_perplexity": percentile_interval(ppl, confidence), "bits_per_byte": percentile_interval(bpb, confidence)}
+
+
+ONE_DOCUMENT = "one document"  # why an interval is missing: a resample of one document holds it or nothing
 
 
 def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> list[float] | None:
@@ -194,7 +194,7 @@ class SignalTotals:
             if not self.count[s]:
                 continue
             interval = None
-            if self.samples:
+            if self.samples and self.count[s] > 1:  # none from one document
                 drawn = self.resampled_weight[:, s] > 0
                 interval = percentile_interval(self.resampled[drawn, s] / self.resampled_weight[drawn, s], confidence)
             out[name] = {
@@ -247,16 +247,17 @@ class LengthTotals:
             }
             if self.samples and documents:
                 r = self.resampled[:, k, :].T  # [5, B]
-                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                    point["bootstrap"] = {
-                        "confidence": confidence,
-                        "samples": self.samples,
-                        "seed": seed,
-                        "method": "poisson",
-                        "token_perplexity": percentile_interval(np.exp(r[0] / r[1]), confidence),
-                        "mean_document_perplexity": percentile_interval(r[4] / r[3], confidence),
-                        "bits_per_byte": percentile_interval(r[0] / (r[2] * LN2), confidence),
-                    }
+                point["bootstrap"] = {"confidence": confidence, "samples": self.samples, "seed": seed, "method": "poisson", "documents": int(documents)}
+                if documents < 2:
+                    point["bootstrap"].update(token_perplexity=None, mean_document_perplexity=None, bits_per_byte=None, missing=ONE_DOCUMENT)
+                    out.append(point)
+                    continue
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # each statistic from its own resampled sums
+                    point["bootstrap"].update(
+                        token_perplexity=percentile_interval(np.exp(r[0] / r[1]), confidence),
+                        mean_document_perplexity=percentile_interval(r[4] / r[3], confidence),
+                        bits_per_byte=percentile_interval(r[0] / (r[2] * LN2), confidence),
+                    )
             out.append(point)
         return out
 

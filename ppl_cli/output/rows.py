@@ -42,6 +42,7 @@ class Tally:
     scored: int = 0
     skipped: Counter = field(default_factory=Counter)
     short: int = 0
+    longest_short: int = 0  # the most tokens of a document too short for --lengths
     tokens: int = 0
 
 
@@ -118,17 +119,23 @@ def score_stream(
             progress.update(tokens=sum(item.done["tokens"] for item in group), documents=len(group), scored=False)
             sink.final([item.done for item in group])
             continue
-        if any(item.done is not None for item in group):  # a group an earlier run left half-written: score it whole again
+        redone = frozenset(d for d, item in enumerate(group) if item.done is not None)
+        if redone:  # a group an earlier run left half-written: score it whole again (its finished rows, counted as done already, once)
+            progress.update(tokens=sum(group[d].done["tokens"] for d in redone), scored=False)
             group = [item if item.ids is not None else retokenize(item) for item in group]
-        GroupScoring(group, engine, windowing, sink, progress, extras, tally, flusher).run(stop)
+        GroupScoring(group, engine, windowing, sink, progress, extras, tally, flusher, redone).run(stop)
     return tally
 
 
 class GroupScoring:
     """One group's jobs, run batch by batch, its documents handed on as they finish."""
 
-    def __init__(self, group: list[Tokenized], engine, windowing: Windowing, sink: RowSink, progress, extras: RowExtras, tally: Tally, flusher: Flusher):
-        self.group, self.engine, self.windowing = group, engine, windowing
+    def __init__(
+        self, group: list[Tokenized], engine, windowing: Windowing, sink: RowSink, progress, extras: RowExtras, tally: Tally, flusher: Flusher,
+        redone: frozenset[int] = frozenset(),
+    ):  # fmt: skip
+        """`redone`: the documents (positions in the group) an earlier run finished, scored again but not counted again."""
+        self.group, self.engine, self.windowing, self.redone = group, engine, windowing, redone
         self.sink, self.progress, self.extras, self.tally, self.flusher = sink, progress, extras, tally, flusher
         self.jobs, self.parts = [], []
         self.passes = []  # each document's number of passes
@@ -164,7 +171,7 @@ class GroupScoring:
                     self.results[i] = scored
                     self.remaining[self.parts[i].doc] -= 1
                 self.flusher.timed(padded(self.jobs, batch), time.perf_counter() - started)
-                self.progress.update(tokens=sum(self.jobs[i].scored for i in batch))
+                self.progress.update(tokens=sum(self.jobs[i].scored for i in batch if self.parts[i].doc not in self.redone))
                 while self.done + self.ready < len(self.group) and not self.remaining[self.done + self.ready]:
                     self.ready += 1
                 k = upcoming[tuple(batch)]
@@ -269,7 +276,8 @@ def document_groups(items: Iterable[Tokenized], budget: int, tally: Tally) -> It
         if item.skipped:
             if not item.bad:
                 tally.skipped[item.document.group] += 1
-                tally.short += item.short
+                tally.short += bool(item.short)
+                tally.longest_short = max(tally.longest_short, item.short)
             continue
         group.append(item)
         size += item.length

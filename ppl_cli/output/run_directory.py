@@ -87,6 +87,25 @@ class Result:
         """Every row as a list (read from documents.jsonl each time; iter_documents() streams)."""
         return list(self.iter_documents())
 
+    def tokens(self):
+        """The saved tokens (save_tokens=True with output=DIR) as a pandas DataFrame, a row a token."""
+        return self.saved("tokens", "save_tokens")
+
+    def words(self):
+        """The saved words (save_words=True with output=DIR) as a pandas DataFrame, a row a word."""
+        return self.saved("words", "save_words")
+
+    def saved(self, folder: str, keyword: str):
+        """A folder of Parquet parts beside documents.jsonl, read whole, in document order."""
+        path = self.documents_file.parent / folder if self.documents_file is not None else None
+        if path is None or not path.is_dir() or not any(path.glob("*.parquet")):
+            raise PplError(f"this run saved no {folder}: run it with --{keyword.replace('_', '-')} and -o/--output")
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        order = ["index", "position" if folder == "tokens" else "word_index"]
+        return frame.sort_values(order, kind="stable").reset_index(drop=True)
+
 
 class RunDirectory:
     """An output directory that survives a kill at any moment.
@@ -194,6 +213,27 @@ class RunDirectory:
             if self.whole(stem).exists():
                 self.snapshot[stem] = self.whole(stem).stat().st_size
                 self.last_index[stem] = last_index(self.whole(stem))
+
+    def finished(self, config: dict, inputs: dict) -> dict | None:
+        """The summary of a run this directory already finished with this configuration (Config's
+        to_dict(), speed options aside) and these inputs (run.json's input keys: the files' names
+        and sizes), every row written; None otherwise (then the run goes on as a resumed one)."""
+        if self.spool:
+            return None
+        try:
+            summary = json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+            identity = json.loads((self.path / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        same = lambda a: {k: v for k, v in a.items() if k not in SPEED_OPTIONS}  # noqa: E731
+        if same(config) != same(summary.get("config", {})) or any(identity.get(k) != v for k, v in inputs.items()):
+            return None
+        try:
+            with open(self.documents, "rb") as rows:
+                written = sum(chunk.count(b"\n") for chunk in iter(lambda: rows.read(1 << 20), b""))
+        except OSError:
+            return None
+        return summary if written == summary.get("documents") else None
 
     def done_count(self) -> int:
         """How many rows an earlier run finished (the lines of documents.jsonl as begin() found it)."""
@@ -308,6 +348,7 @@ def tabled(rows: Iterable[dict], table) -> Iterator[dict]:
         yield row
 
 
+SPEED_OPTIONS = ("overwrite", "threads", "max_batch_tokens", "concurrency")  # options a finished run's numbers do not depend on
 GROWING = "data_files"  # may change between a run and its resumption: the finished documents' digests are checked instead
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import sys
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,7 @@ class Unscored:
 
     short: int = 0
     bad: dict | None = None
+    longest_short: int = 0  # the most tokens of those too short
 
 
 def build_summary(
@@ -56,7 +58,7 @@ def build_summary(
     scored_now, scoring = timings["scored_now"], timings["scoring_time_s"]
     extra = {"context_curve": context_curve(contexts)}
     if windowing.lengths:
-        extra["length_curve"] = length_curve(windowing, points, unscored.short)
+        extra["length_curve"] = length_curve(windowing, points, unscored)
     if unscored.bad is not None:
         extra["bad_records"] = unscored.bad
     if config.save_words:  # the words' surprisals, corrected (unless the correction is off), over the words that have one
@@ -156,7 +158,7 @@ def conditional_summary(config: Config, totals) -> dict:
     return out
 
 
-def length_curve(windowing: Windowing, points: list[dict], short: int) -> dict:
+def length_curve(windowing: Windowing, points: list[dict], unscored: Unscored) -> dict:
     """--lengths: how the lengths were scored and, for each, its documents and metrics with intervals."""
     described = windowing.describe()
     if not points:  # no document reached any length (a shard of short documents)
@@ -167,9 +169,24 @@ def length_curve(windowing: Windowing, points: list[dict], short: int) -> dict:
         "passes": described["passes"],
         **({"length_dependence": windowing.length_dependence} if windowing.length_dependence else {}),
         "min_tokens": windowing.min_tokens,
-        "too_short_documents": short,
+        "too_short_documents": unscored.short,
+        "longest_too_short": unscored.longest_short,  # tokens
         "points": [{"length": length, **point} for length, point in zip(windowing.lengths, points)],
     }
+
+
+def nothing_scored(sources: str, skipped: int, short: int, longest: int, lengths: tuple[int, ...] = (), bar: int = 0) -> str:
+    """Why a run scored nothing: every document empty, or too short for --lengths (how many, the
+    longest's length against `bar`, the tokens a document needs, and the way out)."""
+    if not short or not lengths:
+        return f"nothing to score in {sources}: its {counted(skipped, 'document')} are all empty or whitespace only (or a single token without BOS)"
+    what = f"the largest length, {bar:,} tokens" if bar == lengths[-1] else f"{bar:,} tokens (--min-tokens)" if bar > lengths[0] else f"the shortest length, {bar:,} tokens"
+    empty = f" ({skipped - short:,} of them empty)" if skipped > short else ""
+    if longest >= lengths[0]:
+        way = f"--min-tokens {lengths[0]:,} scores each document of at least {lengths[0]:,} tokens at the lengths it reaches"
+    else:
+        way = f"every length is longer than that: choose --lengths of at most {longest:,}"
+    return f"nothing to score in {sources}: its {counted(skipped, 'document')} are shorter than {what}{empty}, the longest {longest:,} tokens; {way}"
 
 
 def context_curve(lines: Iterable[dict]) -> dict:
@@ -196,6 +213,7 @@ def data_description(sources: list[Source], config: Config, documents: int, fing
     files = [s for s in sources if s.kind == "file"]
     out = {
         "source": ", ".join(config.data),
+        "paths": ", ".join(os.path.abspath(spec) if local_path(spec) else spec for spec in config.data),  # as given, local ones made absolute
         "files": len(files),
         "bytes": sum(s.size or 0 for s in files) if files else None,
         "documents": documents,
@@ -210,6 +228,13 @@ def data_description(sources: list[Source], config: Config, documents: int, fing
     if sampling is not None:
         out["sampling"] = sampling
     return out
+
+
+def local_path(spec: str) -> bool:
+    """A --data value naming local files (a path, a glob of them), not stdin, a URL, a hub dataset or the built-in corpus."""
+    if spec == "-" or "://" in spec or ":" in spec.split("/")[0]:
+        return False
+    return os.path.exists(spec) or (os.sep in spec and os.path.isdir(os.path.dirname(spec)))
 
 
 def run_identity(
@@ -231,6 +256,7 @@ def run_identity(
         "window": windowing.window,
         "stride": windowing.stride,
         "add_bos": windowing.add_bos,
+        **({"bos_token_id": windowing.bos_id} if config.bos_token else {}),
         **({"lengths": list(windowing.lengths), "protocol": windowing.protocol, "min_tokens": windowing.min_tokens} if windowing.lengths else {}),
         "reference_model": config.reference_model,
         "reference_dtype": reference_info["dtype"] if reference_info else None,
@@ -303,8 +329,7 @@ def format_summary(summary: dict) -> str:
     boot = summary.get("bootstrap") or {}
 
     def ci(key):
-        interval = boot.get(key)
-        return f"  (95% CI {number(interval[0])} - {number(interval[1])})" if interval else ""
+        return interval_text(boot, key)
 
     skipped = summary["skipped_documents"]
     short = (summary.get("length_curve") or {}).get("too_short_documents", 0)
@@ -355,6 +380,15 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def interval_text(boot: dict, key: str) -> str:
+    """'  (95% CI low - high, N documents)', or why there is none ('  (95% CI n/a: one document)')."""
+    interval = boot.get(key)
+    if interval:
+        documents = f", {counted(boot['documents'], 'document')}" if "documents" in boot else ""
+        return f"  (95% CI {number(interval[0])} - {number(interval[1])}{documents})"
+    return f"  (95% CI n/a: {boot['missing']})" if boot.get("missing") else ""
+
+
 def counted(n: int, noun: str) -> str:
     """'1 document', '2,345 documents'."""
     return f"{n:,} {noun}{'s' * (n != 1)}"
@@ -371,8 +405,9 @@ def length_lines(curve: dict) -> list[str]:
         f"  {'length':>8}  {'documents':>9}  {'token perplexity (95% CI)':<34}  {'mean document ppl':>17}  {'bits/byte':>9}",
     ]  # fmt: skip
     for p in curve["points"]:
-        interval = (p.get("bootstrap") or {}).get("token_perplexity")
-        ppl = number(p["token_perplexity"]) + (f" ({number(interval[0])} - {number(interval[1])})" if interval else "")
+        boot = p.get("bootstrap") or {}
+        interval = boot.get("token_perplexity")
+        ppl = number(p["token_perplexity"]) + (f" ({number(interval[0])} - {number(interval[1])})" if interval else " (n/a: one document)" if boot.get("missing") else "")
         lines.append(f"  {p['length']:>8,}  {p['documents']:>9,}  {ppl:<34}  {number(p['mean_document_perplexity']):>17}  {number(p['bits_per_byte']):>9}")
     return lines
 
@@ -395,10 +430,9 @@ def group_lines(summary: dict) -> list[str]:
     ranked = sorted(groups.items(), key=lambda kv: -(kv[1]["token_perplexity"] if kv[1]["token_perplexity"] is not None else -1))
     macro = summary["macro"]
     boot = macro.get("bootstrap") or {}
-    interval = boot.get("token_perplexity")
     lines = [
         f"{len(groups):,} groups by {summary['group_by']['key']}; macro mean token perplexity {number(macro['token_perplexity'])}"
-        + (f"  (95% CI {number(interval[0])} - {number(interval[1])})" if interval else "")
+        + interval_text(boot, "token_perplexity")
         + f", bits per byte {number(macro['bits_per_byte'])}"
     ]
     width = min(max(len(name) for name in groups), 40)
@@ -406,8 +440,8 @@ def group_lines(summary: dict) -> list[str]:
         ci = (g.get("bootstrap") or {}).get("token_perplexity")
         lines.append(
             f"  {name[:40]:{width}}  {number(g['token_perplexity'])}"
-            + (f"  ({number(ci[0])} - {number(ci[1])})" if ci else "")
-            + f"  {g['documents']:,} documents, {g['tokens']:,} tokens"
+            + (f"  ({number(ci[0])} - {number(ci[1])})" if ci else "  (n/a: one document)" if (g.get("bootstrap") or {}).get("missing") else "")
+            + f"  {counted(g['documents'], 'document')}, {g['tokens']:,} tokens"
         )
     if len(ranked) > GROUPS_SHOWN:
         lines.append(f"  and {len(ranked) - GROUPS_SHOWN:,} more (summary.json has every group)")

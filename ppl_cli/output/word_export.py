@@ -3,7 +3,8 @@
 Each part holds whole documents (written before their rows go to documents.jsonl, cut back to the
 finished documents when a run resumes, joined by merge: token_export's parts). A word's row:
 the document's `index` and `id`, `word_index`, `word`, its characters `start` and `end` in the
-text, `surprisal` (nats, with the beginning-of-word correction unless it is off) and
+text, `space_before` (the text between the word before and it: the words and these rebuild the
+text, line breaks included), `surprisal` (nats, with the beginning-of-word correction unless it is off) and
 `surprisal_bits`, `tokens` (how many it spans), `uncorrected_surprisal` (the plain sum over its
 tokens) and `shared_token`. The document's row gains word_surprisal_sum and scored_words (its
 words with a surprisal) and word_perplexity_corrected = exp(word_surprisal_sum / scored_words).
@@ -50,6 +51,7 @@ class WordExport:
             "word": [doc.text[a:b] for a, b in spans],
             "start": np.array([a for a, _ in spans], dtype=np.int32),
             "end": np.array([b for _, b in spans], dtype=np.int32),
+            "space_before": [doc.text[(spans[k - 1][1] if k else 0) : a] for k, (a, _) in enumerate(spans)],
             "surprisal": s.corrected,
             "surprisal_bits": s.corrected / LN2,
             "tokens": s.tokens.astype(np.int32),

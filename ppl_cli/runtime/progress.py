@@ -1,4 +1,5 @@
-"""The progress bar on stderr: tokens and documents scored against the total, with a rate and an ETA.
+"""The progress bar on stderr: tokens and documents scored against the total, with a rate and an ETA;
+and other libraries' bars kept off it (library_bars).
 
 Reading runs far ahead of scoring (the input is read and tokenized in a background thread), so
 the bar counts what is scored, never what is read. Its total is the tokens to score: exact once
@@ -9,8 +10,11 @@ tokens the reader has seen so far, shown with a "+".
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
+from collections.abc import Iterator
 
 REFRESH_S = 0.5  # the bar is redrawn at most this often
 BAR = "{{desc}}: {{percentage:3.0f}}%|{{bar}}| {}"  # tqdm's layout, then the counts
@@ -85,3 +89,33 @@ def clock_time(seconds: float) -> str:
     from tqdm import tqdm
 
     return tqdm.format_interval(seconds)
+
+
+@contextlib.contextmanager
+def library_bars() -> Iterator[None]:
+    """transformers', huggingface_hub's and datasets' progress bars (loading weights, de-quantizing a
+    GGUF file, writing its copy, downloading, preparing a dataset) off while a run loads and scores,
+    as they were afterwards; on with -v (ppl-eval's logger at DEBUG)."""
+    if logging.getLogger("ppl_cli").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as hf
+
+    switches = [(hf.is_progress_bar_enabled, hf.disable_progress_bar, hf.enable_progress_bar)]
+    switches.append((lambda: not hub.are_progress_bars_disabled(), hub.disable_progress_bars, hub.enable_progress_bars))
+    try:
+        import datasets.utils.logging as ds
+
+        switches.append((ds.is_progress_bar_enabled, ds.disable_progress_bar, ds.enable_progress_bar))
+    except ImportError:
+        pass
+    were = [enabled() for enabled, _, _ in switches]
+    for _, off, _ in switches:
+        off()
+    try:
+        yield
+    finally:
+        for was, (_, _, on) in zip(were, switches):
+            if was:
+                on()
