@@ -132,6 +132,30 @@ class Engine:
         """Give back what the engine holds (worker processes, memory)."""
 
 
+
+class RequestEngine(Engine):
+    """An engine that batches the requests itself (vLLM, a server): the jobs go in the order given
+    (documents in input order), about max_batch_tokens a batch, a batch being only how often
+    finished windows come back; subclasses define stream()."""
+
+    max_batch_tokens: int
+
+    def plan(self, jobs: Sequence[Job]) -> list[list[int]]:
+        batches: list[list[int]] = []
+        size = 0
+        for i, job in enumerate(jobs):
+            if not batches or size + job.reads > self.max_batch_tokens:
+                batches.append([])
+                size = 0
+            batches[-1].append(i)
+            size += job.reads
+        return batches
+
+    def score_batch(self, jobs: list[Job], stop=None) -> list[Scored]:
+        [(_, results)] = list(self.stream(jobs, [list(range(len(jobs)))], stop))
+        return results
+
+
 PROBE_TOLERANCE = {"float32": 1e-3}  # nats: rounding moves a token's log-probability far less between two input lengths
 HALF_PROBE_TOLERANCE = 0.25  # bfloat16, float16, quantized: a length-dependent position scaling moves them by nats
 

@@ -501,6 +501,14 @@ def load_reference(config: Config, windowing, tokenizer, local_rank: int = 0) ->
     return ref
 
 
+PROBE_TEXT = "Perplexity, café — 1,234.5 tokens!\n\tcode: x = f(y)  # 🙂"  # words, accents, digits, tabs, code, an emoji: where tokenizers part ways
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token id lists differ (one ending counts), None where they are equal."""
+    return next((i for i, (x, y) in enumerate(zip([*a, None], [*b, None])) if x != y), None)
+
+
 def check_tokenizers(model_tokenizer, reference_tokenizer, model: str, reference: str) -> None:
     """Both models must read the same token ids: the same vocabulary and the same splitting."""
     a, b = model_tokenizer.get_vocab(), reference_tokenizer.get_vocab()
@@ -513,13 +521,12 @@ def check_tokenizers(model_tokenizer, reference_tokenizer, model: str, reference
                     f" in one and {by_id_b.get(i)!r} in the other",
                     EXIT_MODEL,
                 )
-    probe = "Perplexity, café — 1,234.5 tokens!\n\tcode: x = f(y)  # 🙂"
-    ids_a = model_tokenizer(probe, add_special_tokens=False).input_ids
-    ids_b = reference_tokenizer(probe, add_special_tokens=False).input_ids
-    if ids_a != ids_b:
-        first = next(i for i, (x, y) in enumerate(zip([*ids_a, None], [*ids_b, None])) if x != y)
+    ids_a = model_tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
+    ids_b = reference_tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
+    first = first_difference(ids_a, ids_b)
+    if first is not None:
         raise PplError(
-            f"the tokenizers of {model} and {reference} split text differently: {probe!r} differs from token {first}"
+            f"the tokenizers of {model} and {reference} split text differently: {PROBE_TEXT!r} differs from token {first}"
             f" ({ids_a[first:first + 3]} vs {ids_b[first:first + 3]})",
             EXIT_MODEL,
         )

@@ -41,14 +41,13 @@ import numpy as np
 
 from ..config import DEFAULT_CONCURRENCY, Config, public_url
 from ..errors import EXIT_MODEL, EXIT_NUMERIC, EXIT_SERVER, PplError, first_line
-from .base import Engine, Job, Scored, WindowError, window_sums
-from .loading import bos_token_id, explain_load_error, hub_access, resolve_model
+from .base import Job, RequestEngine, Scored, WindowError, window_sums
+from .loading import PROBE_TEXT, bos_token_id, explain_load_error, first_difference, hub_access, resolve_model
 
 logger = logging.getLogger(__name__)
 RETRIED_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}  # what a busy, restarting or overloaded server answers
 BACKOFF_S = 0.5  # the first retry's longest wait; each next one doubles it
 MAX_BACKOFF_S = 30.0
-PROBE_TEXT = "Perplexity, café — 1,234.5 tokens!\n\tcode: x = f(y)  # 🙂"
 DEFAULT_BATCH_TOKENS = 65536
 
 
@@ -338,8 +337,8 @@ def check_tokenizer(client: Client, served: str, tokenizer) -> str:
     remote = reply.get("tokens") if isinstance(reply, dict) and status < 400 else None
     if not isinstance(remote, list):
         return "not checked (the server has no /tokenize)"
-    if remote != local:
-        first = next(i for i, (a, b) in enumerate(zip([*local, None], [*remote, None])) if a != b)
+    first = first_difference(local, remote)
+    if first is not None:
         raise PplError(
             f"the local tokenizer and the server's split a probe text differently from token {first} ({local[first:first + 3]} here,"
             f" {remote[first:first + 3]} on the server): give the served model's own tokenizer with --tokenizer",
@@ -348,7 +347,7 @@ def check_tokenizer(client: Client, served: str, tokenizer) -> str:
     return "checked against the server's /tokenize"
 
 
-class ServedEngine(Engine):
+class ServedEngine(RequestEngine):
     name = "served"
 
     def __init__(self, model: ServedModel, keep: Sequence[str], max_batch_tokens: int, concurrency: int):
@@ -358,22 +357,6 @@ class ServedEngine(Engine):
         self.max_batch_tokens, self.concurrency = max_batch_tokens, concurrency
         self.dtype = "served"
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="ppl-eval-request")
-
-    def plan(self, jobs: Sequence[Job]) -> list[list[int]]:
-        """In the order given, about max_batch_tokens a batch (a batch is how often finished windows come back)."""
-        batches: list[list[int]] = []
-        size = 0
-        for i, job in enumerate(jobs):
-            if not batches or size + job.reads > self.max_batch_tokens:
-                batches.append([])
-                size = 0
-            batches[-1].append(i)
-            size += job.reads
-        return batches
-
-    def score_batch(self, jobs: list[Job], stop=None) -> list[Scored]:
-        [(_, results)] = list(self.stream(jobs, [list(range(len(jobs)))], stop))
-        return results
 
     def stream(self, jobs: Sequence[Job], batches: list[list[int]], stop=None) -> Iterator[tuple[list[int], list[Scored]]]:
         """Every window of the batches in flight, `concurrency` requests at a time; a batch handed

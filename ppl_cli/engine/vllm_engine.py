@@ -40,7 +40,7 @@ import numpy as np
 
 from ..config import Config, parse_engine_args
 from ..errors import EXIT_MODEL, EXIT_NUMERIC, PplError, first_line
-from .base import Engine, Job, Scored, window_sums
+from .base import Job, RequestEngine, Scored, window_sums
 from .loading import bos_token_id, context_length, explain_load_error, locate
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def check_model_config(model_config, window: int) -> None:
         raise PplError(f"this vLLM engine returns {model_config.logprobs_mode}; ppl-eval scores raw_logprobs (the model's own log-softmax)")
 
 
-class VllmEngine(Engine):
+class VllmEngine(RequestEngine):
     name = "vllm"
     keeps = frozenset({"nll", "rank"})  # vLLM returns a token's log-probability and rank, not the distribution
 
@@ -245,23 +245,6 @@ class VllmEngine(Engine):
         self.SamplingParams = SamplingParams
         self.requests = itertools.count()
         check_cache_config(self.engine)
-
-    def plan(self, jobs: Sequence[Job]) -> list[list[int]]:
-        """In the order given (documents in input order), about max_batch_tokens a batch: vLLM
-        batches the requests itself, so a batch is only how often finished windows come back."""
-        batches: list[list[int]] = []
-        size = 0
-        for i, job in enumerate(jobs):
-            if not batches or size + job.reads > self.max_batch_tokens:
-                batches.append([])
-                size = 0
-            batches[-1].append(i)
-            size += job.reads
-        return batches
-
-    def score_batch(self, jobs: list[Job], stop=None) -> list[Scored]:
-        [(_, results)] = list(self.stream(jobs, [list(range(len(jobs)))], stop))
-        return results
 
     def stream(self, jobs: Sequence[Job], batches: list[list[int]], stop=None) -> Iterator[tuple[list[int], list[Scored]]]:
         """Every batch's requests submitted at once; each batch handed back when its last is done.
