@@ -71,6 +71,7 @@ def loaded(model: str, options: dict) -> tuple[Any, Any]:
     if options.get("engine") == "vllm":
         from .engine.conventions import MAX_DEFAULT_WINDOW
         from .engine.vllm_engine import open_model
+        from .runtime.watchdog import KEPT
 
         config = Config(model=model, **options)
         handle = open_model(config)
@@ -78,6 +79,7 @@ def loaded(model: str, options: dict) -> tuple[Any, Any]:
         llm, log = handle.launch(config, window)
         if log is not None:
             log.discard()
+        KEPT.append(handle.watchdog)  # the caller's engine: its processes end with this one, however it ends
         return llm, handle.tokenizer
     from .engine.loading import load_model
 

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from conftest import lines
 from engine_fixtures import CLI_RUN, ROOT, RUNS, TOLERANCE, WINDOW, assert_close, rows, vllm_env
 from ppl_cli.cli import cli
+from ppl_cli.runtime.watchdog import GRACE_S
 
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}  # eager: starts in seconds, not a minute of compiling
 CLI_ENGINE = ["--engine", "vllm", "--gpu-memory-utilization", "0.2", "--vllm-arg", "enforce_eager=true"]
@@ -165,8 +166,9 @@ def start_and_wait_for_rows(cmd: list[str], out: Path, more_than: int) -> tuple[
 @pytest.mark.slow
 def test_sigint_then_kill_9_then_the_same_command_equals_the_transformers_engine(vllm_python, data, transformers_runs, tmp_path):
     """The default model through the CLI, as a user runs it. Ctrl-C: exit 130, a one-line stop, no
-    vLLM process left, the rows kept; the same command resumes; kill -9 of its whole process group
-    mid-run; the same command again finishes, its rows those of the transformers engine's
+    vLLM process left, the rows kept; the same command resumes; kill -9 of ppl-eval's process
+    mid-run, and vLLM's processes end too (vLLM #55510: its engine core does not watch its parent;
+    runtime/watchdog.py); the same command again finishes, its rows those of the transformers engine's
     uninterrupted run, stdout the summary alone (vLLM's output went to its log)."""
     out = tmp_path / "run"
     which, fields = CLI_RUN
@@ -184,10 +186,14 @@ def test_sigint_then_kill_9_then_the_same_command_equals_the_transformers_engine
     kept = len(finished(out))
     assert 1 <= kept < 7
 
-    proc, _ = start_and_wait_for_rows([*cmd, "-q"], out, kept)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole group, as a scheduler's kill -9 of a job's processes
+    proc, workers = start_and_wait_for_rows([*cmd, "-q"], out, kept)
+    os.kill(proc.pid, signal.SIGKILL)  # ppl-eval alone, as kill -9 PID or the OOM killer: vLLM's processes must not outlive it
     proc.wait()
     assert kept < len(finished(out)) < 8
+    deadline = time.time() + GRACE_S + 20
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(workers), f"vLLM processes outlived ppl-eval: {alive(workers)}"
 
     done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=600, env=vllm_env())
     assert done.returncode == 0, done.stderr[-3000:]

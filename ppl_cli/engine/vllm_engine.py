@@ -40,6 +40,7 @@ import numpy as np
 
 from ..config import Config, parse_engine_args
 from ..errors import EXIT_MODEL, EXIT_NUMERIC, PplError, first_line
+from ..runtime.watchdog import Watchdog
 from .base import Job, RequestEngine, Scored, window_sums
 from .loading import bos_token_id, context_length, explain_load_error, locate
 
@@ -78,6 +79,7 @@ class VllmModel:
     llm: Any = None
     temporary: list = field(default_factory=list)
     offline: bool = False  # the hub cannot be reached: vLLM reads the local cache alone
+    watchdog: Watchdog | None = None  # ends the engine's processes if this one is killed (launch() starts it)
 
     def start(self, config: Config, window: int, keep: Sequence[str], max_batch_tokens: int | None) -> VllmEngine:
         """The engine, with room for windows of `window` tokens (max_model_len = window + 1)."""
@@ -101,7 +103,7 @@ class VllmModel:
             **({"started": "by the caller"} if not owned else {}),
         }
         batch_tokens = max_batch_tokens or max(DEFAULT_BATCH_TOKENS, window)
-        return VllmEngine(llm, keep, batch_tokens, self.info["dtype"], self.info["vocab_size"], owned, log)
+        return VllmEngine(llm, keep, batch_tokens, self.info["dtype"], self.info["vocab_size"], owned, log, self.watchdog)
 
     def launch(self, config: Config, window: int) -> tuple[Any, EngineLog | None]:
         """vllm.LLM for windows of `window` tokens, and the log its start-up went to (outside -v)."""
@@ -109,11 +111,13 @@ class VllmModel:
         arguments = engine_arguments(config, self, window)
         parallel = f", tensor parallel {config.tensor_parallel_size}" if config.tensor_parallel_size else ""
         logger.info("starting vLLM %s for %s%s%s", vllm.__version__, config.model, parallel, "" if verbose() else " (its log: -v)")
+        self.watchdog = Watchdog()  # what vLLM leaves running after a start that fails is ended when this process ends
         with engine_log() as log, allowed_length(window + 1 > (self.context_length or window + 1)), offline(self.offline):
             try:
                 llm = vllm.LLM(**arguments)
             except Exception as e:  # vLLM raises ValueError, RuntimeError, OOM, ... for what it cannot run
                 raise PplError(start_failure(config.model, e, log), EXIT_MODEL) from None
+        self.watchdog.started()
         if not verbose():
             logging.getLogger("vllm").setLevel(logging.ERROR)
         return llm, log
@@ -233,13 +237,14 @@ class VllmEngine(RequestEngine):
     name = "vllm"
     keeps = frozenset({"nll", "rank"})  # vLLM returns a token's log-probability and rank, not the distribution
 
-    def __init__(self, llm, keep: Sequence[str], max_batch_tokens: int, dtype: str, vocab: int, owned: bool, log: EngineLog | None):
-        """`owned`: the engine was started here, and is shut down by close() (a caller's is left running)."""
+    def __init__(self, llm, keep: Sequence[str], max_batch_tokens: int, dtype: str, vocab: int, owned: bool, log: EngineLog | None, watchdog: Watchdog | None):
+        """`owned`: the engine was started here, and is shut down by close() (a caller's is left running),
+        which then stands `watchdog` down."""
         from vllm import SamplingParams
 
         self.llm, self.engine = llm, llm.llm_engine
         self.keep = tuple(k for k in keep if k in self.keeps)
-        self.max_batch_tokens, self.dtype, self.vocab, self.owned, self.log = max_batch_tokens, dtype, vocab, owned, log
+        self.max_batch_tokens, self.dtype, self.vocab, self.owned, self.log, self.watchdog = max_batch_tokens, dtype, vocab, owned, log, watchdog
         flat = "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())  # fewer Python objects (vLLM 0.12 and later)
         self.params = dict(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, **({"flat_logprobs": True} if flat else {}))
         self.SamplingParams = SamplingParams
@@ -344,6 +349,8 @@ class VllmEngine(RequestEngine):
             self.owned = False
             self.llm = self.engine = None
             gc.collect()
+            if self.watchdog is not None:
+                self.watchdog.done()
         if self.log is not None:
             self.log.discard()
 
