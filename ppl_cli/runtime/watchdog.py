@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 GRACE_S = 10  # seconds between SIGTERM and SIGKILL for what ppl-eval left running
-POLL_S = 0.5  # how often the watchdog notes new processes (one started and killed within it is missed)
+POLL_S = 0.5  # how often the watchdog notes new processes while the engine starts (ten times less often afterwards)
 
 WATCHDOG = r"""
 import os, select, signal, sys
@@ -31,7 +31,7 @@ before = {p.pid for p in parent.children()}  # the parent's own (this one includ
 print("ready", flush=True)
 roots, seen, said = {}, {}, b""
 while True:
-    ready, _, _ = select.select([0], [], [], poll)
+    ready, _, _ = select.select([0], [], [], poll if b"started" not in said else 10 * poll)  # woken at once when the pipe closes
     chunk = os.read(0, 64) if ready else None
     if chunk == b"":
         break  # the parent is gone, however it ended
