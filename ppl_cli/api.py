@@ -71,7 +71,7 @@ def loaded(model: str, options: dict) -> tuple[Any, Any]:
     if options.get("engine") == "vllm":
         from .engine.conventions import MAX_DEFAULT_WINDOW
         from .engine.vllm_engine import open_model
-        from .runtime.watchdog import KEPT
+        from .engine.watchdog import KEPT
 
         config = Config(model=model, **options)
         handle = open_model(config)

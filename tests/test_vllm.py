@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from conftest import lines
 from engine_fixtures import CLI_RUN, ROOT, RUNS, TOLERANCE, WINDOW, assert_close, rows, vllm_env
 from ppl_cli.cli import cli
-from ppl_cli.runtime.watchdog import GRACE_S
+from ppl_cli.engine.watchdog import GRACE_S
 
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}  # eager: starts in seconds, not a minute of compiling
 CLI_ENGINE = ["--engine", "vllm", "--gpu-memory-utilization", "0.2", "--vllm-arg", "enforce_eager=true"]
@@ -168,7 +168,7 @@ def test_sigint_then_kill_9_then_the_same_command_equals_the_transformers_engine
     """The default model through the CLI, as a user runs it. Ctrl-C: exit 130, a one-line stop, no
     vLLM process left, the rows kept; the same command resumes; kill -9 of ppl-eval's process
     mid-run, and vLLM's processes end too (vLLM #55510: its engine core does not watch its parent;
-    runtime/watchdog.py); the same command again finishes, its rows those of the transformers engine's
+    engine/watchdog.py); the same command again finishes, its rows those of the transformers engine's
     uninterrupted run, stdout the summary alone (vLLM's output went to its log)."""
     out = tmp_path / "run"
     which, fields = CLI_RUN

@@ -19,7 +19,7 @@ psutil = pytest.importorskip("psutil")
 PARENT = textwrap.dedent(
     """
     import subprocess, sys, time
-    from ppl_cli.runtime.watchdog import Watchdog
+    from ppl_cli.engine.watchdog import Watchdog
 
     own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     watchdog = Watchdog()

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..config import Config, parse_engine_args
 from ..errors import EXIT_MODEL, EXIT_NUMERIC, PplError, first_line
-from ..runtime.watchdog import Watchdog
+from .watchdog import Watchdog
 from .base import Job, RequestEngine, Scored, window_sums
 from .loading import bos_token_id, context_length, explain_load_error, locate
 
