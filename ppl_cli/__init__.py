@@ -26,6 +26,7 @@ WHERE = {  # name -> the module that defines it
     "Config": "config",
     "build_config": "config",
     "PplError": "errors",
+    "PplWarning": "errors",
     "Result": "output.run_directory",
     "evaluate": "pipeline",
     "load": "api",

@@ -1,8 +1,8 @@
 """One exception type for every failure a user can fix; the CLI prints its message as one line.
 
-Messages name the CLI's options (--save-words, -o/--output). Raised through the Python API, they
-name Config's keywords instead (save_words=True, output): str() of the error says them so, except
-while the CLI runs (`speaking_cli`).
+Messages name the CLI's options (--save-words, -o/--output). Raised or warned through the Python
+API, they name Config's keywords instead (save_words=True, output): str() of the error or warning
+says them so, except while the CLI runs (`speaking_cli`).
 """
 
 import re
@@ -21,16 +21,20 @@ EXIT_BROKEN_PIPE = 141  # stdout's reader went away (128 + SIGPIPE, what a proce
 AUDIENCE = {"cli": False}  # whose names messages use: the CLI's options while the CLI runs, else Config's keywords
 
 
-class PplError(Exception):
+class SpokenToTheUser:
+    """A message in the names of whoever reads it: the CLI's options or Config's keywords."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if AUDIENCE["cli"] else python_names(text)
+
+
+class PplError(SpokenToTheUser, Exception):
     """An error with a one-line message meant for the user, and the exit code to use."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return text if AUDIENCE["cli"] else python_names(text)
 
 
 @contextmanager
@@ -72,7 +76,7 @@ class Stopped(PplError):
     """A stop the user asked for (SIGINT, SIGTERM): said in one line, not as an error."""
 
 
-class PplWarning(UserWarning):
+class PplWarning(SpokenToTheUser, UserWarning):
     """Something the user should know that does not stop the run; the CLI prints it as one line."""
 
 

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import PROSE, lines
-from ppl_cli import Config, PplError, evaluate, score
+from ppl_cli import Config, PplError, PplWarning, evaluate, score
 from ppl_cli.cli import cli
 
 
@@ -287,6 +287,12 @@ def test_the_python_api_names_its_keywords(tiny_gpt2, tmp_path):
         Config(min_k=0.3)
     done = CliRunner().invoke(cli, ["run", "--save-words"])
     assert "--save-words needs an output directory (-o/--output)" in done.output  # the CLI keeps its options' names
+    with pytest.warns(PplWarning, match=r"^stride 16 is not below window 16: .* windowing\.stride"):  # warnings too
+        score(["A text of a few words, long enough for two windows of sixteen tokens each."], model=tiny_gpt2, window=16, stride=16)
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"text": "A text of a few words, long enough for two windows of sixteen tokens each."}) + "\n")
+    done = CliRunner().invoke(cli, ["run", "-q", "--model", str(tiny_gpt2), "--data", str(data), "--window", "16", "--stride", "16"])
+    assert done.exit_code == 0 and "warning: --stride 16 is not below --window 16" in done.output, done.output
     result = score(["The cat sat on the mat.", "A dog."], model=tiny_gpt2, save_words=True, save_tokens=True, output=str(tmp_path / "o"))
     words, tokens = result.words(), result.tokens()
     assert isinstance(words, pd.DataFrame) and words["word"].tolist() == ["The", "cat", "sat", "on", "the", "mat.", "A", "dog."]
