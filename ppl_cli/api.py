@@ -69,13 +69,13 @@ def load(model: str = DEFAULT_MODEL, **options: Any) -> tuple[Any, Any]:
 def loaded(model: str, options: dict) -> tuple[Any, Any]:
     """load()'s work, other libraries' bars off."""
     if options.get("engine") == "vllm":
-        from .engine.conventions import MAX_DEFAULT_WINDOW
+        from .engine.conventions import run_window
         from .engine.vllm_engine import open_model
         from .engine.watchdog import KEPT
 
         config = Config(model=model, **options)
         handle = open_model(config)
-        window = config.lengths[-1] if config.lengths else config.window or min(handle.context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+        window = run_window(config, handle.context_length)
         llm, log = handle.launch(config, window)
         if log is not None:
             log.discard()

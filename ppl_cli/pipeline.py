@@ -171,14 +171,14 @@ def length_scan(setup: Setup) -> bool:
 def reachable_lengths(setup: Setup, caller: Caller, tokenizer) -> None:
     """Read and tokenize documents until one has the tokens --lengths' prefix protocol needs; where
     none has, the run's error now, before a model loads (a corpus of short paragraphs)."""
-    from .engine.conventions import start_token
+    from .engine.conventions import start_token, tokens_needed
     from .engine.loading import bos_token_id
     from .engine.tokenizing import TOKENIZE_BATCH, Encoder
 
     if not length_scan(setup):
         return
     config = setup.config
-    bar = max(config.min_tokens or config.lengths[-1], config.lengths[0])
+    bar = tokens_needed("prefix", config.min_tokens or config.lengths[-1], config.lengths)  # the prefix protocol's, its window the largest length
     starts = config.bos_token is not None or (config.add_bos if config.add_bos is not None else bos_token_id(tokenizer) is not None)
     if config.bos_token:
         start_token(config.bos_token, tokenizer)
@@ -410,7 +410,7 @@ def check_something_scored(summary: dict, config: Config, windowing) -> None:
     if summary["documents"] or config.shard:
         return
     curve = summary.get("length_curve") or {}
-    bar = max(windowing.min_tokens, windowing.lengths[0]) if windowing.protocol == "prefix" else windowing.min_tokens
+    bar = windowing.needed_tokens
     short, longest = curve.get("too_short_documents", 0), curve.get("longest_too_short", 0)
     raise PplError(nothing_scored(", ".join(config.data), summary["skipped_documents"], short, longest, windowing.lengths, bar), EXIT_DATA)
 

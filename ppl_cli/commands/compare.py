@@ -282,12 +282,13 @@ class Few:
         return np.concatenate(self.kept) if self.kept and self.count <= EXACT_DOCUMENTS else None
 
 
-def sign_flip_p(a: np.ndarray, b: np.ndarray, statistic) -> float:
+def sign_flip_p(a: np.ndarray, b: np.ndarray, statistic) -> float | None:
     """The paired sign-flip permutation test, exactly: every one of the 2^n patterns of swapping
     document i's two runs or not; the two-sided p-value is the share of patterns whose difference
     statistic(B sums) - statistic(A sums) is at least as far from zero as the observed one (the
-    pattern that swaps nothing). `a`, `b` [n, k]: each document's sums in the two runs. With n
-    documents the smallest p is 2 / 2^n (the observed pattern and its mirror): 0.25 for 3."""
+    pattern that swaps nothing); None where the observed difference is not finite. `a`, `b` [n, k]:
+    each document's sums in the two runs. With n documents the smallest p is 2 / 2^n (the observed
+    pattern and its mirror): 0.25 for 3."""
     n = len(a)
     swap = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(bool)[:, :, None]  # [P, n, 1]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

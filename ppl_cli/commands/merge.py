@@ -176,8 +176,7 @@ def write_merged(runs, config, identity, data_info, given, output, overwrite, of
         summary = build_summary(config, rows, skipped, first["model"], data_info, windowing, timings, reference_info, reference, contexts, unscored)
         if summary["documents"] == 0 and complete:
             sources = f"the {len(runs)} runs" if len(runs) > 1 else str(runs[0]["dir"])
-            bar = max(windowing.min_tokens, windowing.lengths[0]) if windowing.protocol == "prefix" else windowing.min_tokens
-            raise PplError(nothing_scored(sources, sum(skipped.values()), unscored.short, unscored.longest_short, windowing.lengths, bar), EXIT_DATA)
+            raise PplError(nothing_scored(sources, sum(skipped.values()), unscored.short, unscored.longest_short, windowing.lengths, windowing.needed_tokens), EXIT_DATA)
         return {**summary, **({"bow_correction": first["bow_correction"]} if "bow_correction" in first else {})}
 
     with RunDirectory(output, overwrite) as run_dir:

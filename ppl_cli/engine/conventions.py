@@ -52,6 +52,11 @@ class Windowing:
         )  # fmt: skip
 
     @property
+    def needed_tokens(self) -> int:
+        """The fewest tokens a document needs to take part in --lengths."""
+        return tokens_needed(self.protocol, self.min_tokens, self.lengths)
+
+    @property
     def step(self) -> int:
         """Tokens between the starts of consecutive windows, as the windows are made (`stride` is what was asked)."""
         if self.protocol == "prefix":
@@ -78,10 +83,22 @@ class Windowing:
         return out
 
 
+def tokens_needed(protocol: str | None, min_tokens: int, lengths) -> int:
+    """The fewest tokens a document needs to take part in --lengths: min_tokens and, under the prefix
+    protocol, the shortest length; at least 2 (one token scored after another)."""
+    return max(min_tokens, lengths[0] if protocol == "prefix" else 2)
+
+
+def run_window(config, context_length: int | None) -> int:
+    """The tokens of a run's window: the largest of --lengths, --window, or the model's context
+    (at most MAX_DEFAULT_WINDOW)."""
+    return config.lengths[-1] if config.lengths else config.window or min(context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+
+
 def resolve_windowing(config, lm) -> Windowing:
     """The windowing of a run: the config's choices, completed from the model and its tokenizer."""
     convention = config.convention
-    window = config.lengths[-1] if config.lengths else config.window or min(lm.context_length or MAX_DEFAULT_WINDOW, MAX_DEFAULT_WINDOW)
+    window = run_window(config, lm.context_length)
     if lm.context_length and window > lm.context_length and not config.allow_beyond_context:
         what = f"--lengths up to {window}" if config.lengths else f"--window {window}"
         raise PplError(

@@ -286,7 +286,7 @@ def length_batch(pending: list[tuple[int, Document, dict | None]], encode: Encod
             continue
         ids, offsets = next(encoded)
         n = len(head) + len(ids)
-        if n < max(windowing.min_tokens, windowing.lengths[0] if windowing.protocol == "prefix" else 2):
+        if n < windowing.needed_tokens:
             out.append(Tokenized(index, doc, None, 0, short=n))
             continue
         if windowing.protocol == "sliding":

@@ -229,23 +229,15 @@ class RunDirectory:
         if same(config) != same(summary.get("config", {})) or any(identity.get(k) != v for k, v in inputs.items()):
             return None
         try:
-            with open(self.documents, "rb") as rows:
-                written = sum(chunk.count(b"\n") for chunk in iter(lambda: rows.read(1 << 20), b""))
+            written = count_lines(self.documents)
         except OSError:
             return None
         return summary if written == summary.get("documents") else None
 
     def done_count(self) -> int:
         """How many rows an earlier run finished (the lines of documents.jsonl as begin() found it)."""
-        left = self.snapshot.get(DOCUMENTS_STEM, 0)
-        if not left:
-            return 0
-        count = 0
-        with open(self.documents, "rb") as f:
-            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
-                count += chunk.count(b"\n")
-                left -= len(chunk)
-        return count
+        size = self.snapshot.get(DOCUMENTS_STEM, 0)
+        return count_lines(self.documents, size) if size else 0
 
     def done_rows(self) -> Iterator[dict]:
         """The rows an earlier run finished, in index order (read lazily, as the run goes)."""
@@ -402,6 +394,17 @@ def merged_rows(runs: dict[Path, list[tuple[int, int]]]) -> Iterator[dict]:
         if row["index"] != last:
             yield row
             last = row["index"]
+
+
+def count_lines(path: Path, size: int | None = None) -> int:
+    """The lines of a file (of its first `size` bytes), read a MiB at a time."""
+    count = 0
+    with open(path, "rb") as f:
+        left = size if size is not None else os.fstat(f.fileno()).st_size
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            count += chunk.count(b"\n")
+            left -= len(chunk)
+    return count
 
 
 def last_index(path: Path) -> int:

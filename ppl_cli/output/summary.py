@@ -389,6 +389,14 @@ def interval_text(boot: dict, key: str) -> str:
     return f"  (95% CI n/a: {boot['missing']})" if boot.get("missing") else ""
 
 
+def interval_cell(boot: dict, key: str, before: str) -> str:
+    """A table's '(low - high)' after `before`, or why there is none ('(n/a: one document)'), or nothing."""
+    interval = boot.get(key)
+    if interval:
+        return f"{before}({number(interval[0])} - {number(interval[1])})"
+    return f"{before}(n/a: {boot['missing']})" if boot.get("missing") else ""
+
+
 def counted(n: int, noun: str) -> str:
     """'1 document', '2,345 documents'."""
     return f"{n:,} {noun}{'s' * (n != 1)}"
@@ -405,9 +413,7 @@ def length_lines(curve: dict) -> list[str]:
         f"  {'length':>8}  {'documents':>9}  {'token perplexity (95% CI)':<34}  {'mean document ppl':>17}  {'bits/byte':>9}",
     ]  # fmt: skip
     for p in curve["points"]:
-        boot = p.get("bootstrap") or {}
-        interval = boot.get("token_perplexity")
-        ppl = number(p["token_perplexity"]) + (f" ({number(interval[0])} - {number(interval[1])})" if interval else " (n/a: one document)" if boot.get("missing") else "")
+        ppl = number(p["token_perplexity"]) + interval_cell(p.get("bootstrap") or {}, "token_perplexity", " ")
         lines.append(f"  {p['length']:>8,}  {p['documents']:>9,}  {ppl:<34}  {number(p['mean_document_perplexity']):>17}  {number(p['bits_per_byte']):>9}")
     return lines
 
@@ -437,10 +443,9 @@ def group_lines(summary: dict) -> list[str]:
     ]
     width = min(max(len(name) for name in groups), 40)
     for name, g in ranked[:GROUPS_SHOWN]:
-        ci = (g.get("bootstrap") or {}).get("token_perplexity")
         lines.append(
             f"  {name[:40]:{width}}  {number(g['token_perplexity'])}"
-            + (f"  ({number(ci[0])} - {number(ci[1])})" if ci else "  (n/a: one document)" if (g.get("bootstrap") or {}).get("missing") else "")
+            + interval_cell(g.get("bootstrap") or {}, "token_perplexity", "  ")
             + f"  {counted(g['documents'], 'document')}, {g['tokens']:,} tokens"
         )
     if len(ranked) > GROUPS_SHOWN:
